@@ -1,0 +1,112 @@
+"""The `raymerge` command: merge | plan | demo. Reads arguments, calls the library, reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from raymerge.errors import RaymergeError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except RaymergeError as error:
+        if args.debug:
+            raise
+        print(f"raymerge: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raymerge: interrupted; nothing was published", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raymerge", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    merge = commands.add_parser("merge", help="merge the sources of a recipe into a checkpoint")
+    merge.add_argument("recipe", help="raymerge or mergekit YAML recipe")
+    merge.add_argument("--out", help="output directory (overrides output.path)")
+    merge.add_argument("--dry-run", action="store_true", help="validate and print the plan only")
+    merge.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    merge.add_argument("--allow-pickle", action="store_true",
+                       help="accept pytorch_model.bin sources (loaded with weights_only=True)")
+    merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge.set_defaults(run=_merge)
+
+    plan = commands.add_parser("plan", help="print the work units, bytes and memory of a recipe")
+    plan.add_argument("recipe")
+    plan.add_argument("--allow-pickle", action="store_true")
+    plan.set_defaults(run=_plan, out=None)
+
+    demo = commands.add_parser(
+        "demo", help="generate a tiny base and 3 fine-tunes, then merge them (no network)")
+    demo.add_argument("directory", nargs="?", default="raymerge-demo")
+    demo.add_argument("--method", default="ties", help="task_arithmetic | ties | dare")
+    demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    demo.set_defaults(run=_demo)
+    for sub in (merge, plan, demo):
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help="show tracebacks on errors")
+    return parser
+
+
+def _prepare(args: argparse.Namespace):
+    from raymerge.merge import prepare
+    from raymerge.recipe import load_recipe
+
+    return prepare(load_recipe(args.recipe), out=args.out, allow_pickle=args.allow_pickle)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from raymerge.progress import format_plan
+
+    print(format_plan(_prepare(args).plan))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from raymerge.merge import run_merge
+    from raymerge.progress import format_plan, format_summary
+
+    prepared = _prepare(args)
+    if args.dry_run:
+        print(format_plan(prepared.plan))
+        return 0
+    result = run_merge(prepared, address=args.address, show_progress=not args.no_progress)
+    print(format_summary(result.summary, str(result.output)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import yaml
+
+    from raymerge.synthetic import llama_config, write_base, write_finetune
+
+    root = Path(args.directory).resolve()
+    base = root / "base"
+    if not (base / "config.json").exists():
+        print(f"writing a tiny Llama base and 3 fine-tunes to {root}")
+        write_base(base, llama_config(hidden_size=128, intermediate_size=256, num_hidden_layers=4))
+        for index in range(3):
+            write_finetune(base, root / f"ft-{index}", seed=index)
+    recipe = {
+        "base": str(base),
+        "sources": [str(root / f"ft-{index}") for index in range(3)],
+        "method": {"name": args.method, "density": 0.5, "p": 0.5},
+        "output": {"path": str(root / "merged"), "dtype": "bfloat16"},
+    }
+    recipe_path = root / "recipe.yaml"
+    recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    print(f"recipe: {recipe_path}")
+    return _merge(argparse.Namespace(recipe=str(recipe_path), out=None, dry_run=False,
+                                     address=args.address, allow_pickle=False, no_progress=False))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

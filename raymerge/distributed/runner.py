@@ -1,0 +1,57 @@
+"""Run every unit as a Ray task, at most `max_in_flight` at a time, and hand results to the
+writer without pulling tensors through the driver."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+
+import ray
+from ray.exceptions import RayTaskError
+
+from raymerge.errors import RaymergeError
+from raymerge.execute import MergeJob, merge_unit
+from raymerge.plan import WorkUnit
+from raymerge.recipe import RuntimeSpec
+
+
+def run_units(
+    job: MergeJob,
+    units: list[WorkUnit],
+    writer,
+    runtime: RuntimeSpec,
+    on_unit_done: Callable[[dict], None],
+) -> None:
+    """Submit units in the given order; call `on_unit_done(stats)` as each one is written."""
+    merge_unit_remote = ray.remote(merge_unit).options(
+        num_returns=2,
+        num_cpus=runtime.num_cpus,
+        num_gpus=runtime.num_gpus,
+        memory=runtime.memory,
+    )
+    job_ref = ray.put(job)
+    queue = deque(units)
+    merging: dict[ray.ObjectRef, ray.ObjectRef] = {}  # stats ref -> tensors ref
+    writing: dict[ray.ObjectRef, dict] = {}  # writer call -> stats
+    try:
+        while queue or merging or writing:
+            while queue and len(merging) + len(writing) < runtime.max_in_flight:
+                stats_ref, tensors_ref = merge_unit_remote.remote(job_ref, queue.popleft())
+                merging[stats_ref] = tensors_ref
+            [ready], _ = ray.wait([*merging, *writing], num_returns=1)
+            if ready in merging:
+                tensors_ref = merging.pop(ready)
+                writing[writer.write.remote(tensors_ref)] = ray.get(ready)
+            else:
+                ray.get(ready)
+                on_unit_done(writing.pop(ready))
+    except RayTaskError as error:
+        _cancel(merging)
+        if isinstance(error.cause, RaymergeError):
+            raise error.cause from None
+        raise
+
+
+def _cancel(refs) -> None:
+    for ref in refs:
+        ray.cancel(ref, force=False)

@@ -1,0 +1,33 @@
+"""The writer actor: one per merge, pinned to the driver's node so the output path need not be
+shared storage. Tasks on any node reach it through the object store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from raymerge.output.layout import ShardLayout
+from raymerge.output.shard_writer import ShardWriter
+
+
+class ShardWriterActor:
+    def __init__(self, directory: str, layout: ShardLayout) -> None:
+        self.writer = ShardWriter(Path(directory), layout)
+
+    def write(self, tensors: dict[str, np.ndarray]) -> int:
+        return self.writer.write(tensors)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def start_writer(directory: Path, layout: ShardLayout):
+    """A writer actor on this (the driver's) node; it takes no CPU slot from the merge tasks."""
+    here = ray.get_runtime_context().get_node_id()
+    actor_class = ray.remote(num_cpus=0)(ShardWriterActor)
+    return actor_class.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+    ).remote(str(directory), layout)

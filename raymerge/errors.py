@@ -1,0 +1,19 @@
+"""The error family for what a user can cause. Each message is one line: what, where, how to fix."""
+
+from __future__ import annotations
+
+
+class RaymergeError(Exception):
+    """Base class of every error a user can cause (bad recipe, bad source, bad output path)."""
+
+
+class RecipeError(RaymergeError):
+    """The recipe file is unreadable or invalid."""
+
+
+class SourceError(RaymergeError):
+    """A source or the base cannot be found, read, or does not match the base."""
+
+
+class OutputError(RaymergeError):
+    """The output path cannot be written or would overwrite something it should not."""

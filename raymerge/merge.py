@@ -1,0 +1,158 @@
+"""`raymerge merge`: resolve and validate, plan, run the tasks, assemble, publish."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from raymerge.dtypes import RECIPE_TO_CODE
+from raymerge.errors import RecipeError
+from raymerge.execute import MergeJob
+from raymerge.methods import METHODS
+from raymerge.output.card import model_card
+from raymerge.output.files import copy_tokenizer, write_config
+from raymerge.output.layout import layout_shards
+from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
+from raymerge.output.staging import MANIFEST_NAME, Staging, check_output_path
+from raymerge.plan import Plan, make_plan
+from raymerge.progress import MergeProgress
+from raymerge.recipe import Recipe
+from raymerge.sources import Checkpoint, resolve_checkpoint, validate_sources
+
+
+@dataclass
+class Prepared:
+    """Everything known before any tensor data is read."""
+
+    recipe: Recipe
+    target: Path
+    base: Checkpoint
+    sources: list[Checkpoint]
+    plan: Plan
+
+
+@dataclass
+class MergeResult:
+    output: Path
+    plan: Plan
+    summary: dict
+
+
+def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = False) -> Prepared:
+    """Resolve, validate and plan: cheap (headers and configs only), fails before heavy work."""
+    allow_pickle = allow_pickle or recipe.allow_pickle
+    base = resolve_checkpoint(recipe.base, allow_pickle)
+    sources = [resolve_checkpoint(source.path, allow_pickle) for source in recipe.sources]
+    validate_sources(base, sources)
+    target = Path(out or recipe.output.path).expanduser().resolve()
+    check_output_path(target, [base.directory, *(source.directory for source in sources)])
+    _device(recipe)  # refuse a device the resources cannot give, before planning
+    method = METHODS[recipe.method.name]
+    plan = make_plan(
+        base,
+        sources,
+        output_dtype=RECIPE_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None,
+        compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
+        passes=method.passes,
+        state_tensors=method.state_tensors,
+    )
+    return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan)
+
+
+def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
+              ) -> MergeResult:
+    """Merge into a staging directory and publish it; on any failure nothing is published."""
+    from raymerge.distributed.cluster import ray_session
+    from raymerge.distributed.runner import run_units
+    from raymerge.distributed.writer import start_writer
+
+    recipe, plan = prepared.recipe, prepared.plan
+    layout = layout_shards(plan.tensors, recipe.output.shard_size)
+    job = MergeJob(
+        base=prepared.base,
+        sources=prepared.sources,
+        weights=[source.weight for source in recipe.sources],
+        method=recipe.method,
+        compute_dtype=recipe.runtime.compute_dtype,
+        device=_device(recipe),
+        num_threads=max(1, int(recipe.runtime.num_cpus)),
+    )
+    staging = Staging(prepared.target)
+    hasher = SourceHasher([prepared.base, *prepared.sources])
+    unit_stats: list[dict] = []
+    try:
+        directory = staging.create()
+        with ray_session(address):
+            started = time.perf_counter()  # merge time: the cluster's start-up is not counted
+            writer = start_writer(directory, layout)
+            with MergeProgress(plan, enabled=show_progress) as progress:
+                def done(stats: dict) -> None:
+                    unit_stats.append(stats)
+                    progress.advance(stats)
+
+                run_units(job, plan.largest_first(), writer, recipe.runtime, done)
+            import ray
+
+            ray.get(writer.close.remote())
+            ray.kill(writer)
+            seconds = time.perf_counter() - started
+        summary = _summary(plan, unit_stats, seconds)
+        _write_metadata(prepared, directory, layout, unit_stats, summary, hasher.result())
+        staging.publish()
+    except BaseException:
+        hasher.cancel()
+        staging.discard()
+        raise
+    return MergeResult(output=prepared.target, plan=plan, summary=summary)
+
+
+def _device(recipe: Recipe) -> str:
+    runtime = recipe.runtime
+    if runtime.device == "cuda" and runtime.num_gpus <= 0:
+        raise RecipeError("runtime.device is cuda but runtime.num_gpus is 0; set num_gpus: 1")
+    return "cuda" if runtime.device == "cuda" or runtime.num_gpus > 0 else "cpu"
+
+
+def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
+    return {
+        "seconds": seconds,
+        "units": len(plan.units),
+        "num_tensors": len(plan.tensors),
+        "num_sources": plan.num_sources,
+        "read_bytes": plan.read_bytes,
+        "output_bytes": plan.output_bytes,
+        "read_bytes_per_second": plan.read_bytes / seconds if seconds > 0 else 0.0,
+        "peak_task_bytes_measured": max(stats["peak_bytes"] for stats in unit_stats),
+        "peak_task_bytes_estimated": plan.peak_bytes,
+        "task_seconds_total": sum(stats["seconds"] for stats in unit_stats),
+    }
+
+
+def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: list[dict],
+                    summary: dict, hashes: dict[str, str]) -> None:
+    recipe, base = prepared.recipe, prepared.base
+    write_config(base.directory, directory, {t.output_dtype for t in prepared.plan.tensors})
+    copy_tokenizer(base.directory, directory)
+    (directory / "raymerge_recipe.yaml").write_text(recipe.to_yaml())
+    revisions = {c.label: c.revision for c in [base, *prepared.sources]}
+    (directory / "README.md").write_text(model_card(recipe, revisions, summary))
+    tensor_stats = {}
+    for stats in sorted(unit_stats, key=lambda s: s["unit"]):
+        tensor_stats.update(stats["tensors"])
+    manifest = {
+        "format": "raymerge-manifest/1",
+        "created_unix": int(time.time()),
+        "versions": library_versions(),
+        "method": recipe.method.model_dump(mode="json"),
+        "base": describe_checkpoint(base, hashes),
+        "sources": [
+            describe_checkpoint(source, hashes, weight=spec.weight)
+            for source, spec in zip(prepared.sources, recipe.sources)
+        ],
+        "output": {"shards": [s.file_name for s in layout.shards], "total_size": layout.total_size},
+        "summary": summary,
+        "tensors": tensor_stats,
+    }
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

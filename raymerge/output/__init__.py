@@ -1,0 +1,1 @@
+"""Everything the output directory holds: shards, index, config, card, manifest."""

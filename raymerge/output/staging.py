@@ -1,0 +1,59 @@
+"""Build the output in a staging directory beside the target; publish it with a rename."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from raymerge.errors import OutputError
+
+MANIFEST_NAME = "raymerge_manifest.json"
+
+
+def check_output_path(target: Path, input_directories: list[Path]) -> None:
+    """Refuse, before any work, a target that would clobber an input or a foreign directory."""
+    target = target.resolve()
+    for directory in input_directories:
+        directory = directory.resolve()
+        if target == directory or directory in target.parents or target in directory.parents:
+            raise OutputError(
+                f"output {target} overlaps input directory {directory}; choose another output.path"
+            )
+    if target.exists():
+        if not target.is_dir():
+            raise OutputError(f"output {target} is a file; choose a directory path")
+        if any(target.iterdir()) and not (target / MANIFEST_NAME).exists():
+            raise OutputError(
+                f"output {target} exists and is not a raymerge output; choose an empty or new path"
+            )
+    parent = target.parent
+    if not parent.exists():
+        raise OutputError(f"output {target}: parent directory {parent} does not exist; create it")
+    if not os.access(parent, os.W_OK):
+        raise OutputError(f"output {target}: cannot write in {parent}; check permissions")
+
+
+class Staging:
+    """`.NAME.raymerge-staging` next to the target: same filesystem, so publishing is a rename."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target.resolve()
+        self.path = self.target.with_name(f".{self.target.name}.raymerge-staging")
+        self._old = self.target.with_name(f".{self.target.name}.raymerge-old")
+
+    def create(self) -> Path:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        return self.path
+
+    def publish(self) -> None:
+        """Swap the finished staging directory into place; a previous output is replaced whole."""
+        shutil.rmtree(self._old, ignore_errors=True)
+        if self.target.exists():
+            self.target.rename(self._old)
+        self.path.rename(self.target)
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

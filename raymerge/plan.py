@@ -1,0 +1,149 @@
+"""Work units: one transformer block each, loose tensors packed to a block's size. Data only."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raymerge.dtypes import ITEM_SIZES
+from raymerge.roles import block_of, natural_key
+from raymerge.sources.checkpoint import Checkpoint
+
+_NO_BLOCK_TARGET = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorTask:
+    """One tensor to merge: where the base keeps it and what the output holds."""
+
+    name: str
+    shape: tuple[int, ...]
+    base_dtype: str
+    output_dtype: str
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def output_bytes(self) -> int:
+        return self.numel * ITEM_SIZES[self.output_dtype]
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    index: int  # position in checkpoint order
+    name: str
+    tensors: tuple[TensorTask, ...]
+    read_bytes: int  # base plus every source, all passes
+    output_bytes: int
+    peak_bytes: int  # estimated peak memory of the task that merges it
+
+
+@dataclass(frozen=True)
+class Plan:
+    units: tuple[WorkUnit, ...]
+    num_sources: int
+
+    @property
+    def read_bytes(self) -> int:
+        return sum(unit.read_bytes for unit in self.units)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(unit.output_bytes for unit in self.units)
+
+    @property
+    def peak_bytes(self) -> int:
+        return max(unit.peak_bytes for unit in self.units)
+
+    @property
+    def tensors(self) -> list[TensorTask]:
+        return [tensor for unit in self.units for tensor in unit.tensors]
+
+    def largest_first(self) -> list[WorkUnit]:
+        """Submission order: biggest units first, so the last task to finish is a small one."""
+        return sorted(self.units, key=lambda unit: (-unit.read_bytes, unit.index))
+
+
+def make_plan(
+    base: Checkpoint,
+    sources: list[Checkpoint],
+    output_dtype: str | None,
+    compute_itemsize: int = 4,
+    passes: int = 1,
+    state_tensors: int = 1,
+) -> Plan:
+    """Group the base's tensors into work units and estimate what each costs."""
+    names = sorted(base.tensors, key=natural_key)
+    groups: dict[str, list[str]] = {}
+    loose: list[str] = []
+    for name in names:
+        block = block_of(name)
+        if block is None:
+            loose.append(name)
+        else:
+            groups.setdefault(block, []).append(name)
+    block_bytes = [sum(base.tensors[n].nbytes for n in group) for group in groups.values()]
+    target = max(block_bytes, default=_NO_BLOCK_TARGET)
+    grouped = list(groups.items()) + _pack_loose(base, loose, target)
+    grouped.sort(key=lambda item: natural_key(item[1][0]))
+
+    units = []
+    for index, (unit_name, tensor_names) in enumerate(grouped):
+        tensors = tuple(
+            TensorTask(
+                name=name,
+                shape=base.tensors[name].shape,
+                base_dtype=base.tensors[name].dtype,
+                output_dtype=output_dtype or base.tensors[name].dtype,
+            )
+            for name in tensor_names
+        )
+        units.append(_unit(index, unit_name, tensors, base, sources, compute_itemsize, passes,
+                           state_tensors))
+    return Plan(units=tuple(units), num_sources=len(sources))
+
+
+def _pack_loose(base: Checkpoint, names: list[str], target: int) -> list[tuple[str, list[str]]]:
+    """Tensors outside blocks (embeddings, final norm, head) in units of at most `target` bytes;
+    a bigger tensor gets a unit of its own."""
+    packed: list[tuple[str, list[str]]] = []
+    current: list[str] = []
+    current_bytes = 0
+    for name in names:
+        size = base.tensors[name].nbytes
+        if current and current_bytes + size > target:
+            packed.append((current[0], current))
+            current, current_bytes = [], 0
+        current.append(name)
+        current_bytes += size
+    if current:
+        packed.append((current[0] if len(current) == 1 else f"{current[0]}+{len(current) - 1}",
+                       current))
+    return packed
+
+
+def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_tensors) -> WorkUnit:
+    source_bytes = sum(
+        source.tensors[tensor.name].nbytes for source in sources for tensor in tensors
+    )
+    base_bytes = sum(base.tensors[tensor.name].nbytes for tensor in tensors)
+    output_bytes = sum(tensor.output_bytes for tensor in tensors)
+    # While one tensor is merged the task holds: the base and the current source delta in the
+    # compute dtype, the method's state, the raw source tensor, and the unit's finished outputs.
+    working = max(
+        tensor.numel * compute_itemsize * (2 + state_tensors)
+        + max(source.tensors[tensor.name].nbytes for source in sources)
+        for tensor in tensors
+    )
+    return WorkUnit(
+        index=index,
+        name=name,
+        tensors=tensors,
+        read_bytes=base_bytes + passes * source_bytes,
+        output_bytes=output_bytes,
+        peak_bytes=working + output_bytes,
+    )

@@ -1,0 +1,55 @@
+"""The driver's progress bar (bytes read per second) and the end-of-run summary."""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+from raymerge.plan import Plan
+from raymerge.sizes import format_size
+
+
+class MergeProgress:
+    def __init__(self, plan: Plan, enabled: bool = True) -> None:
+        self.plan = plan
+        self.enabled = enabled
+        self.units_done = 0
+
+    def __enter__(self) -> MergeProgress:
+        self.bar = tqdm(total=self.plan.read_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                        desc="merging", disable=not self.enabled, file=sys.stderr,
+                        dynamic_ncols=True)
+        return self
+
+    def advance(self, stats: dict) -> None:
+        self.units_done += 1
+        self.bar.update(stats["read_bytes"])
+        self.bar.set_postfix_str(f"units {self.units_done}/{len(self.plan.units)}")
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def format_summary(summary: dict, output: str) -> str:
+    return "\n".join([
+        f"merged {summary['num_sources']} sources into {output}",
+        f"  time                 {summary['seconds']:.1f} s "
+        f"({summary['units']} units, {summary['num_tensors']} tensors)",
+        f"  bytes read           {format_size(summary['read_bytes'])} "
+        f"({format_size(summary['read_bytes_per_second'])}/s)",
+        f"  bytes written        {format_size(summary['output_bytes'])}",
+        f"  peak memory per task {format_size(summary['peak_task_bytes_measured'])} measured, "
+        f"{format_size(summary['peak_task_bytes_estimated'])} estimated",
+    ])
+
+
+def format_plan(plan: Plan) -> str:
+    rows = [f"{'unit':<40} {'tensors':>7} {'read':>11} {'est. peak':>11}"]
+    for unit in plan.units:
+        rows.append(f"{unit.name:<40} {len(unit.tensors):>7} {format_size(unit.read_bytes):>11} "
+                    f"{format_size(unit.peak_bytes):>11}")
+    rows.append(f"{len(plan.units)} units, {len(plan.tensors)} tensors, {plan.num_sources} sources;"
+                f" read {format_size(plan.read_bytes)}, write {format_size(plan.output_bytes)},"
+                f" peak memory per task ≈ {format_size(plan.peak_bytes)}")
+    return "\n".join(rows)

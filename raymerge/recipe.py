@@ -1,0 +1,123 @@
+"""The merge recipe: pydantic models, loading of our YAML and of mergekit's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from raymerge.errors import RecipeError
+from raymerge.sizes import parse_size
+
+DEFAULT_EXCLUDE = ["embed_tokens", "lm_head", "wte", "wpe", "embeddings"]
+OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+class _Strict(BaseModel):
+    # extra="forbid": an unknown key is an error, never silently dropped.
+    model_config = ConfigDict(extra="forbid")
+
+
+class SourceSpec(_Strict):
+    path: str
+    weight: float = 1.0
+
+
+class MethodSpec(_Strict):
+    name: str = "task_arithmetic"
+    scale: float = 1.0
+    k: int | float = 0.1
+    density: float = Field(0.2, gt=0.0, le=1.0)
+    p: float = Field(0.9, ge=0.0, lt=1.0)
+    seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_method(cls, name: str) -> str:
+        from raymerge.methods import METHODS
+
+        if name not in METHODS:
+            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
+        return name
+
+
+class OutputSpec(_Strict):
+    path: str = "./merged"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    shard_size: int = parse_size("2GB")
+    push_to_hub: str | None = None
+
+    @field_validator("shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class RuntimeSpec(_Strict):
+    compute_dtype: Literal["float32", "float64"] = "float32"
+    svd: Literal["auto", "exact", "randomized"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    memory: int | None = None
+    max_in_flight: int = Field(4, ge=1)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory(cls, value: Any) -> int | None:
+        return None if value is None else parse_size(value)
+
+
+class Recipe(_Strict):
+    base: str
+    sources: list[SourceSpec] = Field(min_length=1)
+    method: MethodSpec = MethodSpec()
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
+    output: OutputSpec = OutputSpec()
+    runtime: RuntimeSpec = RuntimeSpec()
+    allow_pickle: bool = False
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _string_sources(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a raymerge or mergekit YAML file into a validated Recipe."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {path} not found: check the path") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path} is not valid YAML: {_one_line(error)}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {path} must be a mapping with 'base', 'sources' and 'method'")
+    if "merge_method" in data:
+        from raymerge.mergekit import recipe_from_mergekit
+
+        data = recipe_from_mergekit(data, path)
+    return recipe_from_dict(data, origin=str(path))
+
+
+def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc']) or '(top level)'}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise RecipeError(f"{origin}: {problems}") from None
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

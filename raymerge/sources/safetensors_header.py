@@ -1,0 +1,98 @@
+"""Read a safetensors header without touching tensor data, and refuse malformed ones clearly."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from raymerge.errors import SourceError
+
+# safetensors dtype code -> bytes per element
+DTYPE_SIZES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2,
+    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "U16": 2, "U32": 4, "U64": 8, "F8_E4M3": 1, "F8_E5M2": 1,
+}
+# dtypes raymerge merges (floating point, read exactly by torch)
+MERGEABLE_DTYPES = ("F64", "F32", "F16", "BF16")
+_MAX_HEADER_BYTES = 100 * 2**20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors code, e.g. "BF16"
+    shape: tuple[int, ...]
+    file: str  # absolute path of the shard that holds it
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_SIZES[self.dtype]
+
+
+def read_header(path: str | Path) -> dict[str, TensorInfo]:
+    """Tensor infos of one safetensors file; SourceError if the header is unreadable or lies."""
+    path = Path(path)
+    try:
+        file_size = os.path.getsize(path)
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SourceError(f"{path}: file too short to be safetensors; re-download it")
+            (header_size,) = struct.unpack("<Q", prefix)
+            if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
+                raise SourceError(
+                    f"{path}: corrupted safetensors header (claims {header_size} bytes in a "
+                    f"{file_size}-byte file); re-download or re-save this file"
+                )
+            header = json.loads(handle.read(header_size))
+    except OSError as error:
+        raise SourceError(f"{path}: cannot read ({error.strerror}); check permissions") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SourceError(
+            f"{path}: corrupted safetensors header (not JSON); re-download or re-save this file"
+        ) from None
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupted safetensors header (not a mapping); re-save the file")
+    data_size = file_size - 8 - header_size
+    tensors: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        tensors[name] = _tensor_info(path, name, entry, data_size)
+    return tensors
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+    try:
+        dtype = entry["dtype"]  # type: ignore[index]
+        shape = tuple(int(dim) for dim in entry["shape"])  # type: ignore[index]
+        start, end = (int(offset) for offset in entry["data_offsets"])  # type: ignore[index]
+    except (TypeError, KeyError, ValueError):
+        raise SourceError(
+            f"{path}: corrupted safetensors header entry for tensor {name}; re-save the file"
+        ) from None
+    if dtype not in DTYPE_SIZES:
+        raise SourceError(f"{path}: tensor {name} has unknown dtype {dtype!r}; re-save the file")
+    info = TensorInfo(name=name, dtype=dtype, shape=shape, file=str(path))
+    if any(dim < 0 for dim in shape) or not 0 <= start <= end <= data_size:
+        raise SourceError(
+            f"{path}: tensor {name} points past the end of the file (offsets {start}..{end}, "
+            f"{data_size} data bytes); the file is truncated or corrupted, re-download it"
+        )
+    if end - start != info.nbytes:
+        raise SourceError(
+            f"{path}: tensor {name} has {end - start} bytes for shape {list(shape)} {dtype}; "
+            "the file is corrupted, re-save it"
+        )
+    return info

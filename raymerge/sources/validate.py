@@ -1,0 +1,76 @@
+"""Check that every source can be merged with the base, from headers and configs alone."""
+
+from __future__ import annotations
+
+from raymerge.errors import SourceError
+from raymerge.sources.checkpoint import Checkpoint
+from raymerge.sources.safetensors_header import MERGEABLE_DTYPES
+
+
+def validate_sources(base: Checkpoint, sources: list[Checkpoint]) -> None:
+    """Raise SourceError naming the first problem: dtype, architecture, vocabulary, tensor set,
+    shape. Runs before any tensor data is read."""
+    _check_dtypes(base)
+    for source in sources:
+        _check_dtypes(source)
+        _check_config(base, source)
+        _check_tensor_names(base, source)
+        _check_shapes(base, source)
+
+
+def _check_dtypes(checkpoint: Checkpoint) -> None:
+    for name, info in checkpoint.tensors.items():
+        if info.dtype not in MERGEABLE_DTYPES:
+            raise SourceError(
+                f"source {checkpoint.label}: tensor {name} has dtype {info.dtype}, which cannot be "
+                f"merged (supported: {', '.join(MERGEABLE_DTYPES)}); use an unquantized checkpoint"
+            )
+
+
+def _check_config(base: Checkpoint, source: Checkpoint) -> None:
+    for key in ("model_type", "architectures"):
+        if key in base.config and key in source.config and base.config[key] != source.config[key]:
+            raise SourceError(
+                f"source {source.label}: {key} is {source.config[key]!r} but the base's is "
+                f"{base.config[key]!r}; merge only fine-tunes of the same base model"
+            )
+    base_vocab = _vocab_size(base)
+    source_vocab = _vocab_size(source)
+    if base_vocab is not None and source_vocab is not None and base_vocab != source_vocab:
+        raise SourceError(
+            f"source {source.label}: vocabulary size {source_vocab} differs from the base's "
+            f"{base_vocab}; resize its embeddings to the base vocabulary or leave it out"
+        )
+
+
+def _vocab_size(checkpoint: Checkpoint) -> int | None:
+    config = checkpoint.config
+    size = config.get("vocab_size", config.get("text_config", {}).get("vocab_size"))
+    return int(size) if isinstance(size, int) else None
+
+
+def _check_tensor_names(base: Checkpoint, source: Checkpoint) -> None:
+    missing = sorted(set(base.tensors) - set(source.tensors))
+    if missing:
+        raise SourceError(
+            f"source {source.label}: tensor {missing[0]} of the base is missing"
+            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            "is it a complete checkpoint of the same architecture?"
+        )
+    extra = sorted(set(source.tensors) - set(base.tensors))
+    if extra:
+        raise SourceError(
+            f"source {source.label}: tensor {extra[0]} is not in the base"
+            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; "
+            "is it a fine-tune of this base (or an adapter/head that should be removed)?"
+        )
+
+
+def _check_shapes(base: Checkpoint, source: Checkpoint) -> None:
+    for name, info in base.tensors.items():
+        shape = source.tensors[name].shape
+        if shape != info.shape:
+            raise SourceError(
+                f"source {source.label}: tensor {name} has shape {list(shape)} but the base has "
+                f"{list(info.shape)}; merge only fine-tunes of the same base model"
+            )
