@@ -64,6 +64,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
 def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
               ) -> MergeResult:
     """Merge into a staging directory and publish it; on any failure nothing is published."""
+    import ray
+
     from raymerge.distributed.cluster import ray_session
     from raymerge.distributed.runner import run_units
     from raymerge.distributed.writer import start_writer
@@ -93,8 +95,6 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
                     progress.advance(stats)
 
                 run_units(job, plan.largest_first(), writer, recipe.runtime, done)
-            import ray
-
             ray.get(writer.close.remote())
             ray.kill(writer)
             seconds = time.perf_counter() - started

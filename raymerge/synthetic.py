@@ -70,6 +70,8 @@ def write_base(directory: str | Path, config: dict, seed: int = 0,
             tensors[name] = torch.ones(shape)
         else:
             tensors[name] = torch.randn(shape, generator=generator) * shape[-1] ** -0.5
+    dtype = TORCH_DTYPES[RECIPE_TO_CODE[config.get("torch_dtype", "float32")]]
+    tensors = {name: tensor.to(dtype) for name, tensor in tensors.items()}
     return _save(Path(directory), config, tensors, max_shard_bytes)
 
 
@@ -92,15 +94,14 @@ def write_finetune(base_directory: str | Path, directory: str | Path, seed: int,
             delta += noise * torch.randn(weight.shape, generator=generator)
         else:
             delta = noise * torch.randn(weight.shape, generator=generator)
-        tensors[name] = weight + delta
+        tensors[name] = (weight + delta).to(TORCH_DTYPES[info.dtype])
     return _save(Path(directory), base.config, tensors, max_shard_bytes)
 
 
 def _save(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
           max_shard_bytes: int | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    dtype = TORCH_DTYPES[RECIPE_TO_CODE[config.get("torch_dtype", "float32")]]
-    tensors = {name: tensor.to(dtype).contiguous() for name, tensor in tensors.items()}
+    tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     (directory / "config.json").write_text(json.dumps(config, indent=2))
     if max_shard_bytes is None:
         save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})

@@ -1,0 +1,68 @@
+"""Shared fixtures: one Ray cluster per test session, tiny Llama checkpoints built on the spot."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from raymerge.synthetic import write_finetune  # noqa: E402
+
+TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                  max_position_embeddings=64)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, object_store_memory=256 * 2**20,
+             include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def save_tiny_llama(directory: Path, dtype: torch.dtype, seed: int = 0,
+                    max_shard_size: str | None = None) -> Path:
+    """A real transformers LlamaForCausalLM checkpoint with a word-level tokenizer."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    vocab = {f"w{i}": i for i in range(TINY_LLAMA["vocab_size"] - 1)} | {"[UNK]": 95}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]")
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def build_family(root: Path, dtype: str) -> dict:
+    """A base (sharded) and 4 fine-tunes (some sharded, some single-file) in one dtype."""
+    base = save_tiny_llama(root / "base", getattr(torch, dtype), max_shard_size="20KB")
+    sources = []
+    for index in range(4):
+        shard = 30_000 if index % 2 else None
+        sources.append(write_finetune(base, root / f"ft-{index}", seed=index, strength=0.2,
+                                      noise=0.01, max_shard_bytes=shard))
+    return {"root": root, "base": base, "sources": sources, "dtype": dtype}
+
+
+@pytest.fixture(scope="session", params=["float32", "bfloat16"])
+def tiny_family(request, tmp_path_factory) -> dict:
+    return build_family(tmp_path_factory.mktemp(f"family-{request.param}"), request.param)
+
+
+@pytest.fixture(scope="session")
+def float32_family(tmp_path_factory) -> dict:
+    return build_family(tmp_path_factory.mktemp("family-f32"), "float32")

@@ -1,0 +1,47 @@
+"""Small helpers the tests share."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from raymerge.sources.checkpoint import Checkpoint, read_tensor
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpoint.open(str(directory), directory)
+    return {name: read_tensor(info) for name, info in checkpoint.tensors.items()}
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def published(directory: Path) -> list[str]:
+    """Everything raymerge may have left at or beside an output path."""
+    return sorted(p.name for p in directory.parent.iterdir() if p.name.lstrip(".").startswith(
+        directory.name))
+
+
+def manifest(directory: Path) -> dict:
+    return json.loads((directory / "raymerge_manifest.json").read_text())
+
+
+def assert_merged_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """float32: to ~1e-6 relative. bfloat16: the float64 reference rounded once may sit one
+    bfloat16 step from the float32-streamed result, never more (plus 1e-6 absolute, for entries
+    that cancel to ~0)."""
+    actual, expected64 = actual.double(), expected.double()
+    if expected.dtype == torch.bfloat16:
+        magnitude = torch.maximum(actual.abs(), expected64.abs()).clamp(min=2.0**-126)
+        one_step = torch.exp2(torch.floor(torch.log2(magnitude)) - 7)
+        excess = (actual - expected64).abs() - one_step - 1e-6
+        assert excess.max() <= 0, f"{name}: {int((excess > 0).sum())} entries off by > 1 step"
+    else:
+        torch.testing.assert_close(actual, expected64, rtol=1e-5, atol=1e-6,
+                                   msg=lambda detail: f"{name}: {detail}")
