@@ -19,6 +19,11 @@ TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidde
                   max_position_embeddings=64)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    os.environ["RAYMERGE_CACHE"] = str(tmp_path_factory.mktemp("raymerge-cache"))
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -18,8 +19,11 @@ def convert_pickle_checkpoint(label: str, directory: Path, cache: Path | None) -
 
     Only called with --allow-pickle. `weights_only=True` keeps torch.load from running code."""
     directory = directory.resolve()
-    cache = cache or Path.home() / ".cache" / "raymerge" / "converted"
-    target = cache / hashlib.sha256(str(directory).encode()).hexdigest()[:16]
+    cache = cache or Path(os.environ.get("RAYMERGE_CACHE", Path.home() / ".cache" / "raymerge"))
+    # Keyed by path, size and mtime of every pickle file: a changed checkpoint converts anew.
+    stamp = [str(directory)] + [f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                for p in sorted(directory.glob("pytorch_model*"))]
+    target = cache / "converted" / hashlib.sha256("|".join(stamp).encode()).hexdigest()[:16]
     if (target / "model.safetensors.index.json").exists():
         return target
     index_path = directory / "pytorch_model.bin.index.json"

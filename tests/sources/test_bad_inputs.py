@@ -1,0 +1,165 @@
+"""Every bad input gives one line naming the source, the tensor and the fix, exit status 2, and
+publishes nothing."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import load_tensors, published, write_recipe
+from safetensors.torch import save_file
+
+from raymerge.cli import main
+
+
+def _copy_with(source: Path, target: Path, edit=None, config_edit=None) -> Path:
+    """A single-file copy of a checkpoint with its tensors and config edited."""
+    tensors = load_tensors(source)
+    if edit:
+        edit(tensors)
+    target.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, target / "model.safetensors",
+              metadata={"format": "pt"})
+    config = json.loads((source / "config.json").read_text())
+    if config_edit:
+        config_edit(config)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def _merge_fails(tmp_path: Path, family: dict, bad_source: Path, capsys, *extra: str) -> str:
+    out = tmp_path / "merged"
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(family["base"]),
+        "sources": [str(family["sources"][0]), str(bad_source)],
+        "output": {"path": str(out)},
+    })
+    status = main(["merge", str(recipe), "--no-progress", *extra])
+    error = capsys.readouterr().err.strip()
+    assert status == 2
+    assert published(out) == [], "nothing may be published or left beside the output"
+    assert len(error.splitlines()) == 1 and "Traceback" not in error
+    return error
+
+
+FIRST_MATRIX = "model.layers.0.mlp.up_proj.weight"
+
+
+def test_missing_source(tmp_path, float32_family, capsys):
+    error = _merge_fails(tmp_path, float32_family, tmp_path / "nowhere", capsys)
+    assert "source " in error and "nowhere: not found" in error
+
+
+def test_missing_tensor(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad",
+                     edit=lambda t: t.pop(FIRST_MATRIX))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert f"tensor {FIRST_MATRIX} of the base is missing" in error and str(bad) in error
+
+
+def test_extra_tensor(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad",
+                     edit=lambda t: t.update({"score.weight": torch.zeros(2, 32)}))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert "tensor score.weight is not in the base" in error
+
+
+def test_shape_mismatch(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad",
+                     edit=lambda t: t.update({FIRST_MATRIX: torch.zeros(40, 32)}))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert f"tensor {FIRST_MATRIX} has shape [40, 32] but the base has [48, 32]" in error
+
+
+def test_vocabulary_mismatch(tmp_path, float32_family, capsys):
+    def grow_vocab(tensors):
+        for name in ("model.embed_tokens.weight", "lm_head.weight"):
+            tensors[name] = torch.cat([tensors[name], torch.zeros(4, 32)])
+
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad", edit=grow_vocab,
+                     config_edit=lambda c: c.update(vocab_size=100))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert "vocabulary size 100 differs from the base's 96" in error
+
+
+def test_unsupported_dtype(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad",
+                     edit=lambda t: t.update({FIRST_MATRIX: t[FIRST_MATRIX].to(torch.int8)}))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert f"tensor {FIRST_MATRIX} has dtype I8" in error and "unquantized" in error
+
+
+def test_unreadable_header(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad")
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[8:20] = b"\xff" * 12  # the JSON header is now garbage
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert "corrupted safetensors header" in error and "model.safetensors" in error
+
+
+def test_header_pointing_past_end_of_file(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad")
+    path = bad / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])  # truncated download
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert "points past the end of the file" in error
+
+
+def test_nan_in_source_found_while_streaming(ray_cluster, tmp_path, float32_family, capsys):
+    def poison(tensors):
+        tensors[FIRST_MATRIX][3, 4] = float("nan")
+
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad", edit=poison)
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert f"source {bad}: tensor {FIRST_MATRIX} contains NaN or Inf" in error
+
+
+def test_pickle_source_refused_unless_allowed(ray_cluster, tmp_path, float32_family, capsys):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    torch.save(load_tensors(float32_family["sources"][1]), pickled / "pytorch_model.bin")
+    shutil.copy(float32_family["sources"][1] / "config.json", pickled)
+    error = _merge_fails(tmp_path, float32_family, pickled, capsys)
+    assert "pickle checkpoint" in error and "--allow-pickle" in error
+
+    out = tmp_path / "merged"
+    assert main(["merge", str(tmp_path / "recipe.yaml"), "--no-progress", "--allow-pickle"]) == 0
+    reference = tmp_path / "reference"
+    write_recipe(tmp_path / "ref.yaml", {
+        "base": str(float32_family["base"]),
+        "sources": [str(float32_family["sources"][0]), str(float32_family["sources"][1])],
+        "output": {"path": str(reference)},
+    })
+    assert main(["merge", str(tmp_path / "ref.yaml"), "--no-progress"]) == 0
+    merged, expected = load_tensors(out), load_tensors(reference)
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+
+
+def test_output_inside_a_source_is_refused(tmp_path, float32_family, capsys):
+    out = float32_family["sources"][0] / "merged"
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]), "sources": [str(float32_family["sources"][0])],
+        "output": {"path": str(out)},
+    })
+    assert main(["merge", str(recipe)]) == 2
+    assert "overlaps input directory" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"base": "b", "sources": ["s"], "methd": {}}, "methd: Extra inputs are not permitted"),
+    ({"base": "b", "sources": []}, "sources: List should have at least 1 item"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "ties", "density": 1.5}},
+     "method.density: Input should be less than or equal to 1"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "slerp"}}, "unknown method 'slerp'"),
+    ({"base": "b", "sources": ["s"], "output": {"shard_size": "lots"}}, "not a size: 'lots'"),
+])
+def test_bad_recipe_points_at_the_key(tmp_path, capsys, recipe, message):
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    assert main(["merge", str(path)]) == 2
+    error = capsys.readouterr().err
+    assert message in error and str(path) in error and len(error.strip().splitlines()) == 1
