@@ -127,6 +127,7 @@ def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
         "peak_task_bytes_measured": max(stats["peak_bytes"] for stats in unit_stats),
         "peak_task_bytes_estimated": plan.peak_bytes,
         "task_seconds_total": sum(stats["seconds"] for stats in unit_stats),
+        "nodes": len({stats["node"] for stats in unit_stats}),
     }
 
 

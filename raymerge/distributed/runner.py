@@ -15,6 +15,13 @@ from raymerge.plan import WorkUnit
 from raymerge.recipe import RuntimeSpec
 
 
+def merge_unit_on_node(job: MergeJob, unit: WorkUnit):
+    """merge_unit, with the id of the node that ran it added to its statistics."""
+    stats, outputs = merge_unit(job, unit)
+    stats["node"] = ray.get_runtime_context().get_node_id()
+    return stats, outputs
+
+
 def run_units(
     job: MergeJob,
     units: list[WorkUnit],
@@ -23,7 +30,7 @@ def run_units(
     on_unit_done: Callable[[dict], None],
 ) -> None:
     """Submit units in the given order; call `on_unit_done(stats)` as each one is written."""
-    merge_unit_remote = ray.remote(merge_unit).options(
+    merge_unit_remote = ray.remote(merge_unit_on_node).options(
         num_returns=2,
         num_cpus=runtime.num_cpus,
         num_gpus=runtime.num_gpus,

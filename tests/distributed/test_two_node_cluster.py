@@ -1,0 +1,58 @@
+"""A merge on a 2-node Ray cluster (ray.cluster_utils.Cluster, in its own process) uses both
+nodes, writes on the driver's node, and equals the single-process merge."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from helpers import load_tensors, write_recipe
+
+from raymerge.cli import main
+
+_TWO_NODES = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from raymerge.merge import prepare, run_merge
+from raymerge.recipe import load_recipe
+
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False})
+cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+try:
+    result = run_merge(prepare(load_recipe(sys.argv[1])), address=cluster.address,
+                       show_progress=False)
+    print(json.dumps(result.summary))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_merge_on_two_nodes_uses_both_and_matches(ray_cluster, float32_family, tmp_path):
+    recipe = {
+        "base": str(float32_family["base"]),
+        "sources": [str(p) for p in float32_family["sources"]],
+        "method": {"name": "ties", "density": 0.5},
+        "runtime": {"num_cpus": 1, "max_in_flight": 4},
+    }
+    two_nodes = tmp_path / "two-nodes"
+    path = write_recipe(tmp_path / "cluster.yaml", {**recipe, "output": {"path": str(two_nodes)}})
+    run = subprocess.run([sys.executable, "-c", _TWO_NODES, str(path)], capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["nodes"] == 2
+
+    local = tmp_path / "local"
+    write_recipe(tmp_path / "local.yaml", {**recipe, "output": {"path": str(local)}})
+    assert main(["merge", str(tmp_path / "local.yaml"), "--no-progress"]) == 0
+    merged, expected = load_tensors(two_nodes), load_tensors(local)
+    assert merged.keys() == expected.keys()
+    assert all(torch.equal(merged[name], expected[name]) for name in expected)
+    shards = sorted(p.name for p in two_nodes.glob("*.safetensors"))
+    assert [(two_nodes / s).read_bytes() for s in shards] == \
+        [(local / s).read_bytes() for s in shards]

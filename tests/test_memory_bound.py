@@ -1,0 +1,68 @@
+"""One task's peak memory does not grow with the number of sources (measured in subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from raymerge.synthetic import llama_config, write_base, write_finetune
+
+# Run merge_unit on the block unit in a fresh interpreter; report the peak RSS it added
+# (Linux: VmHWM after resetting it through /proc/self/clear_refs).
+_MEASURE = r"""
+import json, sys
+from pathlib import Path
+import torch
+from raymerge.execute import MergeJob, merge_unit
+from raymerge.plan import make_plan
+from raymerge.recipe import MethodSpec
+from raymerge.sources import Checkpoint
+
+base_dir, method, *source_dirs = sys.argv[1:]
+base = Checkpoint.open("base", Path(base_dir))
+sources = [Checkpoint.open(d, Path(d)) for d in source_dirs]
+plan = make_plan(base, sources, output_dtype=None, state_tensors=4)
+unit = next(u for u in plan.units if u.name == "model.layers.0")
+job = MergeJob(base=base, sources=sources, weights=[1.0] * len(sources),
+               method=MethodSpec(name=method, density=0.3), num_threads=1)
+merge_unit(job, min(plan.units, key=lambda u: u.read_bytes))  # warm up on the smallest unit
+def status_kib(key):
+    line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
+    return int(line.split()[1]) * 1024
+open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM) to now
+before = status_kib("VmRSS")
+merge_unit(job, unit)
+after = status_kib("VmHWM")
+print(json.dumps({"added": after - before, "unit_source_bytes": unit.read_bytes // (len(sources) + 1)}))
+"""
+
+
+@pytest.fixture(scope="module")
+def twelve_sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("memory")
+    # One block of 4 MiB matrices: 16 MiB of float32 per source for the unit.
+    config = llama_config(hidden_size=512, intermediate_size=2048, num_hidden_layers=1,
+                          num_attention_heads=8, num_key_value_heads=8, vocab_size=64)
+    base = write_base(root / "base", config)
+    return base, [write_finetune(base, root / f"ft-{i}", seed=i) for i in range(12)]
+
+
+def _peak_added(base, sources, method: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(base), method, *map(str, sources)],
+        capture_output=True, text=True, check=True,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare"])
+def test_task_peak_memory_does_not_grow_with_sources(twelve_sources, method):
+    base, sources = twelve_sources
+    two = _peak_added(base, sources[:2], method)
+    twelve = _peak_added(base, sources, method)
+    one_source = twelve["unit_source_bytes"]
+    # Holding every source would add 10 more sources' worth (160 MiB) going from 2 to 12.
+    assert twelve["added"] - two["added"] < 0.5 * one_source, (two, twelve)
