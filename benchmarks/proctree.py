@@ -8,9 +8,11 @@ import time
 import psutil
 
 
-def run_measured(command: list[str], env: dict | None = None, interval: float = 0.02) -> dict:
+def run_measured(command: list[str], env: dict | None = None, interval: float = 0.02,
+                 also_watch: str | None = None) -> dict:
     """Wall seconds, and the largest peak RSS of any single process of the command's tree
-    (sampled every `interval` s), with that process's name."""
+    (sampled every `interval` s), with that process's name. `also_watch`: a command-line prefix
+    of other processes to include (Ray workers of an already running cluster: 'ray::')."""
     started = time.perf_counter()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -21,6 +23,9 @@ def run_measured(command: list[str], env: dict | None = None, interval: float = 
             tree = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
             break
+        if also_watch:
+            tree += [p for p in psutil.process_iter(["cmdline"])
+                     if " ".join(p.info["cmdline"] or []).startswith(also_watch)]
         for member in tree:
             try:
                 rss = member.memory_info().rss

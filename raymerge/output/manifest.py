@@ -4,6 +4,7 @@ out (per-tensor statistics)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
@@ -15,8 +16,32 @@ _LIBRARIES = ("raymerge", "torch", "safetensors", "ray", "numpy", "huggingface_h
 
 
 def sha256_of(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    """sha256 of a file, remembered by (real path, size, mtime): a scheduled re-merge of mostly
+    unchanged sources hashes only what changed. A Hugging Face cache blob is named by its sha256
+    already, so it is never read for this."""
+    real = Path(path).resolve()
+    if real.parent.name == "blobs" and len(real.name) == 64:
+        return real.name
+    stat = real.stat()
+    key = hashlib.sha256(f"{real}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    memo = _hash_cache() / key[:2] / key
+    try:
+        return memo.read_text().strip()
+    except OSError:
+        pass
+    with open(real, "rb") as handle:
+        digest = hashlib.file_digest(handle, "sha256").hexdigest()
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest)
+    except OSError:
+        pass  # a read-only cache only costs the next run a re-hash
+    return digest
+
+
+def _hash_cache() -> Path:
+    root = os.environ.get("RAYMERGE_CACHE") or Path.home() / ".cache" / "raymerge"
+    return Path(root) / "sha256"
 
 
 class SourceHasher:

@@ -1,0 +1,37 @@
+"""Source hashes: correct, remembered by (path, size, mtime), taken from Hub blob names."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from raymerge.output.manifest import sha256_of
+
+
+def test_hash_is_correct_and_recomputed_when_the_file_changes(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"first version")
+    assert sha256_of(str(path)) == hashlib.sha256(b"first version").hexdigest()
+    path.write_bytes(b"second version, longer")
+    assert sha256_of(str(path)) == hashlib.sha256(b"second version, longer").hexdigest()
+
+
+def test_remembered_hash_is_reused_for_an_unchanged_file(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"weights")
+    first = sha256_of(str(path))
+    stat = path.stat()
+    with open(path, "r+b") as handle:  # same size, and the mtime restored: looks unchanged
+        handle.write(b"WEIGHTS")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert sha256_of(str(path)) == first
+
+
+def test_hub_blob_name_is_its_hash(tmp_path):
+    digest = hashlib.sha256(b"x").hexdigest()
+    blob = tmp_path / "blobs" / digest
+    blob.parent.mkdir()
+    blob.write_bytes(b"not read")
+    link = tmp_path / "model.safetensors"
+    link.symlink_to(blob)
+    assert sha256_of(str(link)) == digest
