@@ -11,14 +11,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from raymerge.dtypes import TORCH_DTYPES, to_numpy_bits
+from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 from raymerge.errors import SourceError
 from raymerge.memory import PeakMemory
 from raymerge.methods import METHODS
 from raymerge.plan import WorkUnit
 from raymerge.recipe import MethodSpec
-from raymerge.sources.checkpoint import Checkpoint, read_tensor
+from raymerge.sources.checkpoint import Checkpoint
+
+
+READ_CHUNK_ELEMENTS = 1 << 20  # rows are read from the mapped file about this many at a time
 
 
 @dataclass(frozen=True)
@@ -62,14 +66,14 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
 
 def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
     compute_dtype = TORCH_DTYPES["F64" if job.compute_dtype == "float64" else "F32"]
-    base = _read_checked(job.base, name, compute_dtype, job.device)
+    base = torch.empty(job.base.tensors[name].shape, dtype=compute_dtype, device=job.device)
+    _read_into(base, job.base, name)
+    delta = torch.empty_like(base)  # one buffer for every source: no allocation per source
     method.begin(name, base)
     for pass_index in range(method.passes):
         for source_index, source in enumerate(job.sources):
-            delta = _read_checked(source, name, compute_dtype, job.device)
-            delta.sub_(base)
+            _read_into(delta, source, name, minus=base)
             method.update(pass_index, source_index, delta)
-            del delta
     merged_delta = method.finish().mul_(job.method.scale)
     stats = {
         "delta_rms": float(merged_delta.square().mean().sqrt()),
@@ -79,20 +83,37 @@ def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
     return merged, stats
 
 
-def _read_checked(checkpoint: Checkpoint, name: str, dtype: torch.dtype, device: str):
+def _read_into(target: torch.Tensor, checkpoint: Checkpoint, name: str,
+               minus: torch.Tensor | None = None) -> None:
+    """target = tensor (− minus), read from the memory-mapped file a slice of rows at a time, so
+    the raw source tensor never exists whole, and checked for NaN/Inf as it streams."""
+    info = checkpoint.tensors[name]
     try:
-        tensor = read_tensor(checkpoint.tensors[name])
+        with safe_open(info.file, framework="pt", device="cpu") as handle:
+            if target.dim() == 0:
+                _fill(target, handle.get_tensor(name), checkpoint, name, minus)
+                return
+            source = handle.get_slice(name)
+            step = max(1, READ_CHUNK_ELEMENTS // max(1, target[0].numel()))
+            for start in range(0, target.shape[0], step):
+                stop = min(start + step, target.shape[0])
+                _fill(target[start:stop], source[start:stop], checkpoint, name,
+                      None if minus is None else minus[start:stop])
     except (OSError, RuntimeError) as error:  # safetensors reports I/O problems as these
         raise SourceError(
             f"source {checkpoint.label}: cannot read tensor {name} ({error}); "
             "the file changed or is truncated, re-download it"
         ) from None
-    tensor = tensor.to(device=device, dtype=dtype)
+
+
+def _fill(target, raw, checkpoint: Checkpoint, name: str, minus) -> None:
+    target.copy_(raw)
     # A NaN or Inf anywhere makes the sum non-finite; one reduction is ~40x cheaper than
     # isfinite().all() (finite weights cannot overflow a float32 sum).
-    if not torch.isfinite(tensor.sum()):
+    if not torch.isfinite(target.sum()):
         raise SourceError(
             f"source {checkpoint.label}: tensor {name} contains NaN or Inf; "
             "this fine-tune diverged or is corrupted, leave it out or re-save it"
         )
-    return tensor
+    if minus is not None:
+        target.sub_(minus)

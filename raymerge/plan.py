@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from raymerge.dtypes import ITEM_SIZES
 from raymerge.roles import block_of, natural_key
-from raymerge.sources.checkpoint import Checkpoint
+
+if TYPE_CHECKING:  # the writer actor imports this module; it needs no torch
+    from raymerge.sources.checkpoint import Checkpoint
 
 _NO_BLOCK_TARGET = 256 * 2**20
 

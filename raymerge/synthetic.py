@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from raymerge.dtypes import RECIPE_TO_CODE, TORCH_DTYPES
+from raymerge.dtypes import RECIPE_TO_CODE
+from raymerge.tensor_bits import TORCH_DTYPES
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=256)

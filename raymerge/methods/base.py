@@ -19,7 +19,8 @@ class Method(Protocol):
     def begin(self, name: str, base: Tensor) -> None: ...
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
-        """Consume one source's delta. The method may modify `delta` in place."""
+        """Consume one source's delta. The method may modify `delta` in place but must not keep
+        it: the engine reuses the buffer for the next source."""
 
     def finish(self) -> Tensor:
         """The merged delta M for the current tensor (before the scale λ)."""

@@ -35,19 +35,14 @@ class Dare:
 
     def begin(self, name: str, base: Tensor) -> None:
         self.name = name
-        self.merged = None
+        self.merged = torch.zeros_like(base)
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         generator = dare_generator(self.seed, self.name, source_index)
         keep = dare_keep_mask(delta.shape, self.drop_probability, generator).to(delta.device)
         rescale = self.weights[source_index] / (1.0 - self.drop_probability)
-        survivors = delta.mul_(keep).mul_(rescale)
-        if self.merged is None:
-            self.merged = survivors
-        else:
-            self.merged.add_(survivors)
+        self.merged.add_(delta.mul_(keep), alpha=rescale)
 
     def finish(self) -> Tensor:
-        assert self.merged is not None, "finish() before any update()"
         merged, self.merged = self.merged, None
         return merged

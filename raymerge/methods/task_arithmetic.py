@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from raymerge.recipe import MethodSpec
@@ -18,16 +19,11 @@ class TaskArithmetic:
         self.merged: Tensor | None = None
 
     def begin(self, name: str, base: Tensor) -> None:
-        self.merged = None
+        self.merged = torch.zeros_like(base)
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
-        weighted = delta.mul_(self.weights[source_index])
-        if self.merged is None:
-            self.merged = weighted
-        else:
-            self.merged.add_(weighted)
+        self.merged.add_(delta, alpha=self.weights[source_index])
 
     def finish(self) -> Tensor:
-        assert self.merged is not None, "finish() before any update()"
         merged, self.merged = self.merged, None
         return merged

@@ -21,10 +21,14 @@ from torch import Tensor
 from raymerge.recipe import MethodSpec
 
 
-def magnitude_threshold(values: Tensor, density: float) -> Tensor:
+CHUNK = 1 << 18  # elements per step of the elementwise work: temporaries stay in cache
+
+
+def magnitude_threshold(values: Tensor, density: float, scratch: Tensor | None = None) -> Tensor:
     """The k-th largest |value| with k = max(1, int(density·numel)): entries at or above it are
-    kept (mergekit's top-k count)."""
-    magnitudes = values.abs().flatten()
+    kept (mergekit's top-k count). `scratch` (same shape and dtype) avoids a fresh allocation."""
+    magnitudes = torch.abs(values, out=scratch).flatten() if scratch is not None \
+        else values.abs().flatten()
     keep_count = max(1, int(density * magnitudes.numel()))
     position = magnitudes.numel() - keep_count  # 0-based, counted from the smallest
     if magnitudes.device.type == "cpu":
@@ -43,9 +47,16 @@ def trim_mask(values: Tensor, density: float) -> Tensor:
     return values.abs() >= magnitude_threshold(values, density).to(values.device)
 
 
+def chunks(*tensors: Tensor):
+    """Matching flat pieces of same-shaped tensors, CHUNK elements at a time."""
+    flat = [tensor.view(-1) for tensor in tensors]
+    for start in range(0, flat[0].numel(), CHUNK):
+        yield [piece[start:start + CHUNK] for piece in flat]
+
+
 class Ties:
     passes = 1
-    state_tensors = 3  # two float sums, two int16 counts
+    state_tensors = 4  # two float sums, two int16 counts, the magnitude scratch
 
     def __init__(self, settings: MethodSpec, weights: Sequence[float]) -> None:
         self.density = settings.density
@@ -53,30 +64,38 @@ class Ties:
 
     def begin(self, name: str, base: Tensor) -> None:
         # Σ trimmed, Σ of its positive entries, and how many entries are positive / non-zero:
-        # the negative sum and count follow by difference.
-        # Counts in int16 (N < 32768 sources) take half the memory of float32 counts.
+        # the negative sum and count follow by difference. Counts in int16 (N < 32768 sources).
         self.trimmed_sum = torch.zeros_like(base)
         self.positive_sum = torch.zeros_like(base)
         self.positive_count = torch.zeros_like(base, dtype=torch.int16)
         self.nonzero_count = torch.zeros_like(base, dtype=torch.int16)
+        self.scratch = torch.empty_like(base) if self.density < 1.0 else None
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         weight = self.weights[source_index]
-        trimmed = delta if weight == 1.0 else delta.mul_(weight)
-        if self.density < 1.0:
-            trimmed.mul_(trim_mask(trimmed, self.density))
-        self.trimmed_sum.add_(trimmed)
-        self.positive_sum.add_(trimmed.clamp(min=0))
-        self.positive_count.add_(trimmed > 0)
-        self.nonzero_count.add_(trimmed != 0)
+        weighted = delta if weight == 1.0 else delta.mul_(weight)
+        threshold = (magnitude_threshold(weighted, self.density, self.scratch).item()
+                     if self.density < 1.0 else 0.0)
+        state = (self.trimmed_sum, self.positive_sum, self.positive_count, self.nonzero_count)
+        for trimmed, total, positive, positive_count, nonzero_count in chunks(weighted, *state):
+            if self.density < 1.0:
+                trimmed.mul_(trimmed.abs() >= threshold)
+            total.add_(trimmed)
+            positive.add_(trimmed.clamp(min=0))
+            positive_count.add_(trimmed > 0)
+            nonzero_count.add_(trimmed != 0)
 
     def finish(self) -> Tensor:
-        elected_sign = self.trimmed_sum
-        negative_sum = self.trimmed_sum - self.positive_sum
-        negative_count = self.nonzero_count.sub_(self.positive_count)
-        positive_mean = self.positive_sum.div_(self.positive_count.clamp_(min=1))
-        negative_mean = negative_sum.div_(negative_count.clamp_(min=1))
-        merged = torch.where(elected_sign > 0, positive_mean, 0.0)
-        merged = torch.where(elected_sign < 0, negative_mean, merged)
+        # Reuses the state in place: the result is written into trimmed_sum.
+        state = (self.trimmed_sum, self.positive_sum, self.positive_count, self.nonzero_count)
+        for total, positive, positive_count, nonzero_count in chunks(*state):
+            negative_mean = (total - positive).div_(
+                nonzero_count.sub_(positive_count).clamp_(min=1))
+            positive_mean = positive.div_(positive_count.clamp_(min=1))
+            elected_sign = total.sign()
+            total.copy_(torch.where(elected_sign > 0, positive_mean,
+                                    torch.where(elected_sign < 0, negative_mean, 0.0)))
+        merged = self.trimmed_sum
         del self.trimmed_sum, self.positive_sum, self.positive_count, self.nonzero_count
+        self.scratch = None
         return merged
