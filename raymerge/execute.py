@@ -13,14 +13,13 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 from raymerge.errors import SourceError
 from raymerge.memory import PeakMemory
 from raymerge.methods import METHODS
 from raymerge.plan import WorkUnit
 from raymerge.recipe import MethodSpec
 from raymerge.sources.checkpoint import Checkpoint
-
+from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 
 READ_CHUNK_ELEMENTS = 1 << 20  # rows are read from the mapped file about this many at a time
 

@@ -13,6 +13,7 @@ from raymerge.execute import MergeJob
 from raymerge.methods import METHODS
 from raymerge.output.card import model_card
 from raymerge.output.files import copy_tokenizer, write_config
+from raymerge.output.hub import push_to_hub
 from raymerge.output.layout import layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
 from raymerge.output.staging import MANIFEST_NAME, Staging, check_output_path
@@ -105,6 +106,8 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         hasher.cancel()
         staging.discard()
         raise
+    if recipe.output.push_to_hub:
+        summary["hub_commit"] = push_to_hub(prepared.target, recipe.output.push_to_hub)
     return MergeResult(output=prepared.target, plan=plan, summary=summary)
 
 

@@ -37,7 +37,8 @@ open("/proc/self/clear_refs", "w").write("5")  # reset the peak-RSS mark (VmHWM)
 before = status_kib("VmRSS")
 merge_unit(job, unit)
 after = status_kib("VmHWM")
-print(json.dumps({"added": after - before, "unit_source_bytes": unit.read_bytes // (len(sources) + 1)}))
+one_source = unit.read_bytes // (len(sources) + 1)
+print(json.dumps({"added": after - before, "unit_source_bytes": one_source}))
 """
 
 

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from raymerge.recipe import MethodSpec
-
 
 CHUNK = 1 << 18  # elements per step of the elementwise work: temporaries stay in cache
 

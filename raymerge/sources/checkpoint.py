@@ -103,7 +103,9 @@ def _read_config(label: str, directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError:
-        raise SourceError(f"source {label}: {config_path} is not valid JSON; fix or re-download it")
+        raise SourceError(
+            f"source {label}: {config_path} is not valid JSON; fix or re-download it"
+        ) from None
     return config if isinstance(config, dict) else {}
 
 

@@ -40,7 +40,9 @@ def convert_pickle_checkpoint(label: str, directory: Path, cache: Path | None) -
             state = torch.load(directory / shard_name, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types for a bad pickle
             shutil.rmtree(staging, ignore_errors=True)
-            raise SourceError(f"source {label}: cannot load {shard_name} safely ({error})") from None
+            raise SourceError(
+                f"source {label}: cannot load {shard_name} safely ({error})"
+            ) from None
         out_name = f"model-{number:05d}-of-{len(shard_names):05d}.safetensors"
         tensors = {name: tensor.contiguous() for name, tensor in state.items()}
         save_file(tensors, staging / out_name, metadata={"format": "pt"})

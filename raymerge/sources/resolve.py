@@ -78,6 +78,8 @@ def _download_from_hub(label: str) -> tuple[Path, str]:
             "(offline?); download it first or give a local directory"
         ) from None
     except OSError as error:
-        raise SourceError(f"source {label}: download failed ({error}); retry or check the id")
+        raise SourceError(
+            f"source {label}: download failed ({error}); retry or check the id"
+        ) from None
     # The snapshot folder is named by the commit hash: that pins the revision in the manifest.
     return directory, directory.name

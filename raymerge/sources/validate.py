@@ -53,17 +53,19 @@ def _check_tensor_names(base: Checkpoint, source: Checkpoint) -> None:
     missing = sorted(set(base.tensors) - set(source.tensors))
     if missing:
         raise SourceError(
-            f"source {source.label}: tensor {missing[0]} of the base is missing"
-            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+            f"source {source.label}: tensor {missing[0]} of the base is missing{_more(missing)}; "
             "is it a complete checkpoint of the same architecture?"
         )
     extra = sorted(set(source.tensors) - set(base.tensors))
     if extra:
         raise SourceError(
-            f"source {source.label}: tensor {extra[0]} is not in the base"
-            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}; "
+            f"source {source.label}: tensor {extra[0]} is not in the base{_more(extra)}; "
             "is it a fine-tune of this base (or an adapter/head that should be removed)?"
         )
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
 
 
 def _check_shapes(base: Checkpoint, source: Checkpoint) -> None:
