@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from raymerge.errors import SourceError
 from raymerge.memory import PeakMemory
-from raymerge.methods import METHODS
+from raymerge.methods import MergeOptions, build_method
 from raymerge.plan import WorkUnit
 from raymerge.recipe import MethodSpec
 from raymerge.sources.checkpoint import Checkpoint
@@ -32,26 +32,34 @@ class MergeJob:
     sources: list[Checkpoint]
     weights: list[float]
     method: MethodSpec
+    options: MergeOptions = MergeOptions()
+    svc_alpha: float | None = None  # calibrate with SVC when set
     compute_dtype: str = "float32"
     device: str = "cpu"
     num_threads: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Merged tensors of one unit (numpy, exact output bytes) and small statistics about it."""
+def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Small statistics about one unit, and its payload for the writer: the merged tensors
+    (numpy, exact output bytes) and, for methods that have them, the factors U, σ, V of each
+    merged delta (numpy, compute dtype)."""
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
     started = time.perf_counter()
     outputs: dict[str, np.ndarray] = {}
-    tensor_stats: dict[str, dict[str, float]] = {}
+    factors: dict[str, dict[str, np.ndarray]] = {}
+    tensor_stats: dict[str, dict[str, Any]] = {}
     with PeakMemory() as memory, torch.inference_mode():
-        method = METHODS[job.method.name](job.method, job.weights)
+        method = build_method(job.method, job.weights, job.options, job.svc_alpha)
         for tensor in unit.tensors:
             merged, tensor_stats[tensor.name] = _merge_tensor(job, method, tensor.name,
                                                                TORCH_DTYPES[tensor.output_dtype])
             outputs[tensor.name] = to_numpy_bits(merged)
             del merged
+            report = getattr(method, "report", None)
+            if report is not None and report.save_factors and report.factors is not None:
+                factors[tensor.name] = dict(zip("USV", map(to_numpy_bits, report.factors)))
     stats = {
         "unit": unit.index,
         "name": unit.name,
@@ -60,7 +68,7 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         "peak_bytes": memory.peak_bytes,
         "tensors": tensor_stats,
     }
-    return stats, outputs
+    return stats, {"unit": unit.index, "tensors": outputs, "factors": factors}
 
 
 def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
@@ -68,15 +76,20 @@ def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
     base = torch.empty(job.base.tensors[name].shape, dtype=compute_dtype, device=job.device)
     _read_into(base, job.base, name)
     delta = torch.empty_like(base)  # one buffer for every source: no allocation per source
-    method.begin(name, base)
+    method.begin(name, base)  # sets the number of passes this tensor needs
     for pass_index in range(method.passes):
         for source_index, source in enumerate(job.sources):
             _read_into(delta, source, name, minus=base)
             method.update(pass_index, source_index, delta)
-    merged_delta = method.finish().mul_(job.method.scale)
+    del delta
+    merged_delta = method.finish()
+    if not getattr(method, "applies_scale", False):
+        merged_delta.mul_(job.method.scale)
+    report = getattr(method, "report", None)
     stats = {
         "delta_rms": float(merged_delta.square().mean().sqrt()),
         "delta_max_abs": float(merged_delta.abs().max()),
+        **(report.stats if report is not None else {}),
     }
     merged = base.add_(merged_delta).to(output_dtype)
     return merged, stats

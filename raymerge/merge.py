@@ -10,7 +10,7 @@ from pathlib import Path
 from raymerge.dtypes import RECIPE_TO_CODE
 from raymerge.errors import RecipeError
 from raymerge.execute import MergeJob
-from raymerge.methods import METHODS
+from raymerge.methods import METHODS, MergeOptions
 from raymerge.output.card import model_card
 from raymerge.output.files import copy_tokenizer, write_config
 from raymerge.output.hub import push_to_hub
@@ -51,13 +51,17 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     check_output_path(target, [base.directory, *(source.directory for source in sources)])
     _device(recipe)  # refuse a device the resources cannot give, before planning
     method = METHODS[recipe.method.name]
+    if hasattr(method, "check"):  # e.g. K or N too large for a matrix's rank: refuse now
+        shapes = {name: info.shape for name, info in base.tensors.items()}
+        method.check(recipe.method, shapes, len(sources), _options(recipe))
+    calibrating = recipe.svc_alpha() is not None
     plan = make_plan(
         base,
         sources,
         output_dtype=RECIPE_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None,
         compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
-        passes=method.passes,
-        state_tensors=method.state_tensors,
+        passes=getattr(method, "matrix_passes", getattr(method, "passes", 1)) + calibrating,
+        state_tensors=method.state_tensors + calibrating,
     )
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan)
 
@@ -78,6 +82,8 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         sources=prepared.sources,
         weights=[source.weight for source in recipe.sources],
         method=recipe.method,
+        options=_options(recipe),
+        svc_alpha=recipe.svc_alpha(),
         compute_dtype=recipe.runtime.compute_dtype,
         device=_device(recipe),
         num_threads=max(1, int(recipe.runtime.num_cpus)),
@@ -109,6 +115,10 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     if recipe.output.push_to_hub:
         summary["hub_commit"] = push_to_hub(prepared.target, recipe.output.push_to_hub)
     return MergeResult(output=prepared.target, plan=plan, summary=summary)
+
+
+def _options(recipe: Recipe) -> MergeOptions:
+    return MergeOptions(exclude=tuple(recipe.exclude), svd=recipe.runtime.svd)
 
 
 def _device(recipe: Recipe) -> str:

@@ -28,10 +28,17 @@ class SourceSpec(_Strict):
 class MethodSpec(_Strict):
     name: str = "task_arithmetic"
     scale: float = 1.0
-    k: int | float = 0.1
+    k: int | float = 0.1  # axis: a count, or a fraction of r = min(m, n)
     density: float = Field(0.2, gt=0.0, le=1.0)
     p: float = Field(0.9, ge=0.0, lt=1.0)
     seed: int = 0
+
+    @field_validator("k")
+    @classmethod
+    def _k_range(cls, k: int | float) -> int | float:
+        if k <= 0 or (isinstance(k, float) and k > 1):
+            raise ValueError("k must be a positive integer, or a fraction in (0, 1] of the rank")
+        return k
 
     @field_validator("name")
     @classmethod
@@ -41,6 +48,21 @@ class MethodSpec(_Strict):
         if name not in METHODS:
             raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
         return name
+
+
+class SvcSpec(_Strict):
+    alpha: Literal["auto"] | float = "auto"  # auto = 1/N
+
+    @field_validator("alpha")
+    @classmethod
+    def _positive(cls, alpha: Any) -> Any:
+        if alpha != "auto" and alpha <= 0:
+            raise ValueError("alpha must be positive or 'auto' (1/N)")
+        return alpha
+
+
+class CalibrateSpec(_Strict):
+    svc: SvcSpec | None = None
 
 
 class OutputSpec(_Strict):
@@ -74,6 +96,7 @@ class Recipe(_Strict):
     base: str
     sources: list[SourceSpec] = Field(min_length=1)
     method: MethodSpec = MethodSpec()
+    calibrate: CalibrateSpec | None = None
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     output: OutputSpec = OutputSpec()
     runtime: RuntimeSpec = RuntimeSpec()
@@ -85,6 +108,13 @@ class Recipe(_Strict):
         if isinstance(value, list):
             return [{"path": item} if isinstance(item, str) else item for item in value]
         return value
+
+    def svc_alpha(self) -> float | None:
+        """SVC's α, or None when the recipe does not calibrate."""
+        if self.calibrate is None or self.calibrate.svc is None:
+            return None
+        alpha = self.calibrate.svc.alpha
+        return 1.0 / len(self.sources) if alpha == "auto" else float(alpha)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raymerge.output.factors import FACTORS_DIR, FactorWriter
 from raymerge.output.layout import ShardLayout
 from raymerge.output.shard_writer import ShardWriter
 
@@ -16,12 +16,18 @@ from raymerge.output.shard_writer import ShardWriter
 class ShardWriterActor:
     def __init__(self, directory: str, layout: ShardLayout) -> None:
         self.writer = ShardWriter(Path(directory), layout)
+        self.factors = FactorWriter(Path(directory) / FACTORS_DIR)
 
-    def write(self, tensors: dict[str, np.ndarray]) -> int:
-        return self.writer.write(tensors)
+    def write(self, payload: dict) -> int:
+        """A unit's payload from merge_unit: merged tensors and, maybe, spectral factors."""
+        written = self.writer.write(payload["tensors"])
+        if payload["factors"]:
+            self.factors.write(payload["unit"], payload["factors"])
+        return written
 
     def close(self) -> None:
         self.writer.close()
+        self.factors.close()
 
 
 def start_writer(directory: Path, layout: ShardLayout):

@@ -2,15 +2,36 @@
 
 from __future__ import annotations
 
-from raymerge.methods.base import Method
+from collections.abc import Sequence
+
+from raymerge.methods.axis import Axis
+from raymerge.methods.base import MergeOptions, Method, TensorReport
+from raymerge.methods.calibrated import Calibrated
 from raymerge.methods.dare import Dare
+from raymerge.methods.iso_c import IsoC
+from raymerge.methods.iso_cts import IsoCts
 from raymerge.methods.task_arithmetic import TaskArithmetic
 from raymerge.methods.ties import Ties
+from raymerge.methods.tsv import Tsv
 
 METHODS: dict[str, type[Method]] = {
     "task_arithmetic": TaskArithmetic,
     "ties": Ties,
     "dare": Dare,
+    "tsv": Tsv,
+    "iso_c": IsoC,
+    "iso_cts": IsoCts,
+    "axis": Axis,
 }
 
-__all__ = ["METHODS", "Method"]
+
+def build_method(settings, weights: Sequence[float], options: MergeOptions,
+                 svc_alpha: float | None = None):
+    """The recipe's method, wrapped in SVC calibration when the recipe asks for it."""
+    method = METHODS[settings.name](settings, weights, options)
+    if svc_alpha is None:
+        return method
+    return Calibrated(method, settings.scale, svc_alpha, options)
+
+
+__all__ = ["METHODS", "Calibrated", "MergeOptions", "Method", "TensorReport", "build_method"]

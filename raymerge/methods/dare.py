@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from raymerge.methods.base import MergeOptions
 from raymerge.recipe import MethodSpec
 
 
@@ -27,7 +28,8 @@ class Dare:
     passes = 1
     state_tensors = 2  # running sum and the keep mask of the current source
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float]) -> None:
+    def __init__(self, settings: MethodSpec, weights: Sequence[float],
+                 options: MergeOptions | None = None) -> None:
         self.drop_probability = settings.p
         self.seed = settings.seed
         self.weights = list(weights)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from raymerge.methods.base import MergeOptions
 from raymerge.recipe import MethodSpec
 
 
@@ -14,7 +15,8 @@ class TaskArithmetic:
     passes = 1
     state_tensors = 1
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float]) -> None:
+    def __init__(self, settings: MethodSpec, weights: Sequence[float],
+                 options: MergeOptions | None = None) -> None:
         self.weights = list(weights)
         self.merged: Tensor | None = None
 

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from raymerge.methods.base import MergeOptions
 from raymerge.recipe import MethodSpec
 
 CHUNK = 1 << 18  # elements per step of the elementwise work: temporaries stay in cache
@@ -56,7 +57,8 @@ class Ties:
     passes = 1
     state_tensors = 4  # two float sums, two int16 counts, the magnitude scratch
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float]) -> None:
+    def __init__(self, settings: MethodSpec, weights: Sequence[float],
+                 options: MergeOptions | None = None) -> None:
         self.density = settings.density
         self.weights = list(weights)
 

@@ -1,0 +1,27 @@
+"""Iso-C (reference code danielm1405/iso-merging): flatten the spectrum of the summed task
+matrix. M = mean(σ)·U·Vᵀ where Σ_i w_i·Δ_i = U·diag(σ)·Vᵀ."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from raymerge.methods.spectral import SpectralMethod
+from raymerge.spectral.svd import exact_svd
+
+
+class IsoC(SpectralMethod):
+    state_tensors = 1
+
+    def begin_matrix(self, base: Tensor) -> None:
+        self.task_sum = torch.zeros_like(base)
+
+    def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
+        self.task_sum.add_(weighted)
+
+    def finish_matrix(self) -> Tensor:
+        U, S, V = exact_svd(self.task_sum)
+        del self.task_sum
+        flat = S.mean().expand_as(S)
+        self.report.factors = (U, flat, V)
+        return (U * flat) @ V.mT

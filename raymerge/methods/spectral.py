@@ -1,0 +1,68 @@
+"""What every spectral method shares: matrices go through the method's spectral steps; tensors
+that are not matrices, and excluded ones (embeddings, heads), are merged as the mean of w_i·Δ_i
+(METHODS.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from raymerge.methods.base import MergeOptions, TensorReport
+from raymerge.recipe import MethodSpec
+
+
+class SpectralMethod:
+    matrix_passes = 1
+    state_tensors = 2
+
+    def __init__(self, settings: MethodSpec, weights: Sequence[float],
+                 options: MergeOptions | None = None) -> None:
+        self.settings = settings
+        self.weights = list(weights)
+        self.options = options or MergeOptions()
+        self.report = TensorReport()
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.weights)
+
+    def begin(self, name: str, base: Tensor) -> None:
+        self.name = name
+        self.report = TensorReport()
+        self.is_matrix = self.options.is_spectral_matrix(name, base.shape)
+        if self.is_matrix:
+            self.passes = self.matrix_passes
+            self.begin_matrix(base)
+        else:
+            self.passes = 1
+            self.weighted_sum = torch.zeros_like(base)
+
+    def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
+        weight = self.weights[source_index]
+        if not self.is_matrix:
+            self.weighted_sum.add_(delta, alpha=weight)
+            return
+        weighted = delta if weight == 1.0 else delta.mul_(weight)
+        self.update_matrix(pass_index, source_index, weighted)
+
+    def finish(self) -> Tensor:
+        if not self.is_matrix:
+            merged, self.weighted_sum = self.weighted_sum, None
+            return merged.div_(self.num_sources)
+        return self.finish_matrix()
+
+    # subclasses: the spectral steps of one matrix, fed weighted deltas w_i·Δ_i
+    def begin_matrix(self, base: Tensor) -> None:
+        raise NotImplementedError
+
+    def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
+        raise NotImplementedError
+
+    def finish_matrix(self) -> Tensor:
+        raise NotImplementedError
+
+    def svd_seed(self, source_index: int) -> int:
+        """Randomized SVDs are seeded per (seed, source): reruns give identical bytes."""
+        return self.settings.seed * 1_000_003 + source_index
