@@ -44,13 +44,21 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--allow-pickle", action="store_true")
     plan.set_defaults(run=_plan, out=None)
 
+    inspect = commands.add_parser(
+        "inspect", help="a checkpoint's tensors; for a raymerge output, its merge statistics")
+    inspect.add_argument("directory")
+    inspect.add_argument("--tensors", help="regular expression selecting tensors")
+    inspect.add_argument("--plot", metavar="FILE.png",
+                         help="draw singular values before and after SVC calibration")
+    inspect.set_defaults(run=_inspect)
+
     demo = commands.add_parser(
         "demo", help="generate a tiny base and 3 fine-tunes, then merge them (no network)")
     demo.add_argument("directory", nargs="?", default="raymerge-demo")
     demo.add_argument("--method", default="ties", help="task_arithmetic | ties | dare")
     demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     demo.set_defaults(run=_demo)
-    for sub in (merge, plan, demo):
+    for sub in (merge, plan, inspect, demo):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show tracebacks on errors")
     return parser
@@ -80,6 +88,17 @@ def _merge(args: argparse.Namespace) -> int:
         return 0
     result = run_merge(prepared, address=args.address, show_progress=not args.no_progress)
     print(format_summary(result.summary, str(result.output)))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from raymerge.inspect import inspect_checkpoint, plot_spectra
+
+    directory = Path(args.directory)
+    print(inspect_checkpoint(directory, args.tensors))
+    if args.plot:
+        drawn = plot_spectra(directory, Path(args.plot), args.tensors)
+        print(f"plotted {len(drawn)} tensors to {args.plot}: {', '.join(drawn)}")
     return 0
 
 

@@ -16,6 +16,7 @@ from raymerge.output.files import copy_tokenizer, write_config
 from raymerge.output.hub import push_to_hub
 from raymerge.output.layout import layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
+from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
 from raymerge.output.staging import MANIFEST_NAME, Staging, check_output_path
 from raymerge.plan import Plan, make_plan
 from raymerge.progress import MergeProgress
@@ -155,6 +156,7 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     tensor_stats = {}
     for stats in sorted(unit_stats, key=lambda s: s["unit"]):
         tensor_stats.update(stats["tensors"])
+    write_stats_table(directory / STATS_NAME, tensor_stats)
     manifest = {
         "format": "raymerge-manifest/1",
         "created_unix": int(time.time()),
@@ -167,6 +169,6 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
         ],
         "output": {"shards": [s.file_name for s in layout.shards], "total_size": layout.total_size},
         "summary": summary,
-        "tensors": tensor_stats,
+        "tensors": {name: manifest_stats(stats) for name, stats in tensor_stats.items()},
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")

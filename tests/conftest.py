@@ -71,3 +71,12 @@ def tiny_family(request, tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def float32_family(tmp_path_factory) -> dict:
     return build_family(tmp_path_factory.mktemp("family-f32"), "float32")
+
+
+@pytest.fixture(scope="session")
+def nine_sources(float32_family, tmp_path_factory):
+    """The float32 family's base with 9 fine-tunes."""
+    root = tmp_path_factory.mktemp("nine")
+    extra = [write_finetune(float32_family["base"], root / f"ft-{i}", seed=100 + i, strength=0.2,
+                            noise=0.01) for i in range(5)]
+    return float32_family["base"], [*float32_family["sources"], *extra]

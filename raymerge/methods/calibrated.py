@@ -56,7 +56,9 @@ class Calibrated:
             factors=tuple(factors),
             save_factors=inner_report.save_factors,
             stats={**inner_report.stats,
-                   "svc_gamma_quantiles": [round(float(q), 6) for q in quantiles]},
+                   "svc_gamma_quantiles": [round(float(q), 6) for q in quantiles],
+                   "spectrum_before": self.calibration.S.float().cpu().tolist(),
+                   "spectrum_after": factors.S.float().cpu().tolist()},
         )
         self.calibration = None
         return calibrated

@@ -1,0 +1,91 @@
+"""`raymerge inspect DIR`: what a checkpoint holds, and for a raymerge output the statistics of
+its merge (AXIS selection, SVC γ), optionally a plot of spectra before and after calibration."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from raymerge.errors import OutputError, RaymergeError
+from raymerge.output.staging import MANIFEST_NAME
+from raymerge.output.stats_table import STATS_NAME, read_stats_table
+from raymerge.sizes import format_size
+from raymerge.sources.checkpoint import Checkpoint
+
+
+def inspect_checkpoint(directory: Path, pattern: str | None = None) -> str:
+    checkpoint = Checkpoint.open(str(directory), directory)
+    names = [n for n in checkpoint.tensors if pattern is None or re.search(pattern, n)]
+    lines = [f"{directory}: {len(checkpoint.tensors)} tensors, "
+             f"{format_size(checkpoint.nbytes)} in {len(checkpoint.files)} file(s)"]
+    if (directory / MANIFEST_NAME).exists():
+        manifest = json.loads((directory / MANIFEST_NAME).read_text())
+        method = manifest["method"]
+        lines.append(f"merged by raymerge {manifest['versions']['raymerge']}: {method['name']} of "
+                     f"{len(manifest['sources'])} sources, scale {method['scale']}")
+    if (directory / STATS_NAME).exists():
+        lines += _stats_rows(directory, names)
+    else:
+        lines.append(f"{'tensor':<50} {'dtype':>6} shape")
+        lines += [f"{n:<50} {checkpoint.tensors[n].dtype:>6} {list(checkpoint.tensors[n].shape)}"
+                  for n in names]
+    return "\n".join(lines)
+
+
+def _stats_rows(directory: Path, names: list[str]) -> list[str]:
+    table = read_stats_table(directory / STATS_NAME).to_pylist()
+    wanted = set(names)
+    rows = [f"{'tensor':<46} {'Δ rms':>9} {'rank':>5} {'energy':>7} {'γ min':>7} {'γ med':>7} "
+            f"{'γ max':>7}  selected per source"]
+    for row in table:
+        if row["tensor"] not in wanted:
+            continue
+        rows.append(
+            f"{row['tensor']:<46} {row['delta_rms']:>9.2e} {_num(row['axis_rank'], 'd'):>5} "
+            f"{_num(row['axis_energy_kept'], '.3f'):>7} {_num(row['svc_gamma_min'], '.3f'):>7} "
+            f"{_num(row['svc_gamma_median'], '.3f'):>7} {_num(row['svc_gamma_max'], '.3f'):>7}  "
+            f"{row['axis_selected_per_source'] or ''}"
+        )
+    return rows
+
+
+def _num(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def plot_spectra(directory: Path, output: Path, pattern: str | None = None,
+                 limit: int = 4) -> list[str]:
+    """Singular values of the merged delta before and after SVC for up to `limit` tensors."""
+    stats = directory / STATS_NAME
+    if not stats.exists():
+        raise OutputError(f"{directory} has no {STATS_NAME}; is it a raymerge output?")
+    rows = [row for row in read_stats_table(stats).to_pylist()
+            if row["spectrum_before"] and (pattern is None or re.search(pattern, row["tensor"]))]
+    if not rows:
+        raise OutputError(
+            f"{directory}: no calibration spectra{' for ' + pattern if pattern else ''}; "
+            "they are recorded by merges with calibrate.svc"
+        )
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise RaymergeError("--plot needs matplotlib: pip install 'raymerge[plot]'") from None
+    rows = rows[:limit]
+    figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
+    for axis, row in zip(axes[0], rows):
+        before = sorted(row["spectrum_before"], reverse=True)
+        after = sorted(row["spectrum_after"], reverse=True)
+        axis.semilogy(before, label="merged (before SVC)")
+        axis.semilogy(after, label="calibrated (after SVC)")
+        axis.set_title(row["tensor"].replace("model.", ""), fontsize=8)
+        axis.set_xlabel("component")
+        axis.set_ylabel("singular value")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
+    return [row["tensor"] for row in rows]
