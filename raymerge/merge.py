@@ -16,8 +16,8 @@ from raymerge.output.files import copy_tokenizer, write_config
 from raymerge.output.hub import push_to_hub
 from raymerge.output.layout import layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
-from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
 from raymerge.output.staging import MANIFEST_NAME, Staging, check_output_path
+from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
 from raymerge.plan import Plan, make_plan
 from raymerge.progress import MergeProgress
 from raymerge.recipe import Recipe

@@ -30,11 +30,15 @@ def exact_svd(matrix: Tensor) -> Svd:
     """Full thin SVD. On CUDA the fast `gesvda` driver is tried first and kept only when its
     reconstruction agrees with the matrix to float tolerance."""
     if matrix.is_cuda:
-        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver="gesvda")
-        residual = torch.linalg.matrix_norm(matrix - (U * S) @ Vh)
-        scale = torch.linalg.matrix_norm(matrix).clamp(min=torch.finfo(matrix.dtype).tiny)
-        if bool(torch.isfinite(residual)) and float(residual / scale) < _tolerance(matrix):
-            return Svd(U, S, Vh.mT)
+        try:
+            U, S, Vh = torch.linalg.svd(matrix, full_matrices=False, driver="gesvda")
+        except RuntimeError:  # a shape or build without gesvda: the default driver below
+            pass
+        else:
+            residual = torch.linalg.matrix_norm(matrix - (U * S) @ Vh)
+            scale = torch.linalg.matrix_norm(matrix).clamp(min=torch.finfo(matrix.dtype).tiny)
+            if bool(torch.isfinite(residual)) and float(residual / scale) < _tolerance(matrix):
+                return Svd(U, S, Vh.mT)
     U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
     return Svd(U, S, Vh.mT)
 
