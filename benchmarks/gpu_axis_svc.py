@@ -87,6 +87,14 @@ def run_all(job: MergeJob, plan, workers: int) -> tuple[float, dict]:
     return time.perf_counter() - started, outputs
 
 
+def _on_own_stream(job: MergeJob, unit):
+    """Each thread on its own CUDA stream, as separate Ray task processes would be."""
+    if DEVICE != "cuda":
+        return merge_unit(job, unit)
+    with torch.cuda.stream(torch.cuda.Stream()):
+        return merge_unit(job, unit)
+
+
 def _synchronize() -> None:
     if DEVICE == "cuda":
         torch.cuda.synchronize()

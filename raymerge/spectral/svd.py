@@ -16,6 +16,7 @@ from torch import Tensor
 
 OVERSAMPLE = 10
 POWER_ITERATIONS = 2
+_ORTHONORMAL_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10}
 # auto: randomized when the sketch is at most this fraction of the full rank
 RANDOMIZED_FRACTION = 0.25
 
@@ -50,13 +51,38 @@ def randomized_svd(matrix: Tensor, rank: int, seed: int = 0, oversample: int = O
     sketch = min(rank + oversample, rows, cols)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     omega = torch.randn(cols, sketch, generator=generator, dtype=matrix.dtype).to(matrix.device)
-    basis = torch.linalg.qr(matrix @ omega).Q
+    basis = orthonormalize(matrix @ omega)
     for _ in range(power_iterations):
-        basis = torch.linalg.qr(matrix.mT @ basis).Q
-        basis = torch.linalg.qr(matrix @ basis).Q
-    small = basis.mT @ matrix  # sketch × cols
-    U, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    return Svd((basis @ U)[:, :rank], S[:rank], Vh.mT[:, :rank])
+        basis = orthonormalize(matrix.mT @ basis)
+        basis = orthonormalize(matrix @ basis)
+    # matrix ≈ basis·B with B = basisᵀ·matrix (sketch × cols); Bᵀ = Q·R, so B = Rᵀ·Qᵀ and the SVD
+    # of the small sketch × sketch Rᵀ gives B's: no SVD of a wide matrix is needed.
+    q_right, r_right = _thin_qr(matrix.mT @ basis)
+    U, S, Wh = torch.linalg.svd(r_right.mT)
+    return Svd((basis @ U)[:, :rank], S[:rank], (q_right @ Wh.mT)[:, :rank])
+
+
+def orthonormalize(columns: Tensor) -> Tensor:
+    return _thin_qr(columns)[0]
+
+
+def _thin_qr(columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Thin QR of a tall matrix. CholeskyQR2 (two rounds of R = chol(XᵀX), Q = X·R⁻¹: matrix
+    products and a small Cholesky) is several times faster than Householder QR on GPUs; when
+    the columns are too ill-conditioned for it (Cholesky fails, or Q comes out not orthonormal),
+    Householder QR is used instead."""
+    q, r = columns, None
+    for _ in range(2):
+        factor, info = torch.linalg.cholesky_ex(q.mT @ q, upper=True)
+        if bool(info.any()):
+            return torch.linalg.qr(columns)
+        q = torch.linalg.solve_triangular(factor, q, upper=True, left=False)
+        r = factor if r is None else factor @ r
+    identity = torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
+    departure = (q.mT @ q - identity).abs().max()
+    if not bool(departure < _ORTHONORMAL_TOLERANCE[q.dtype]):  # also catches NaN
+        return torch.linalg.qr(columns)
+    return q, r
 
 
 def truncated_svd(matrix: Tensor, rank: int, mode: str = "auto", seed: int = 0) -> Svd:

@@ -77,3 +77,14 @@ def test_polar_factor_is_orthonormal_and_closest():
     torch.testing.assert_close(factor.T @ factor, torch.eye(20, dtype=torch.float64))
     U, _, V = exact_svd(matrix)
     torch.testing.assert_close(factor, U @ V.T)
+
+
+def test_randomized_svd_of_an_exactly_low_rank_matrix_falls_back_safely():
+    """Rank 3 but 20 triplets asked: the sketch is rank deficient, CholeskyQR cannot work, and
+    the Householder fallback must still give an orthonormal, exact answer."""
+    generator = torch.Generator().manual_seed(5)
+    matrix = torch.randn(200, 3, generator=generator) @ torch.randn(3, 150, generator=generator)
+    U, S, V = randomized_svd(matrix, 20)
+    torch.testing.assert_close((U * S) @ V.T, matrix, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(S[:3], exact_svd(matrix).S[:3], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(U[:, :3].T @ U[:, :3], torch.eye(3), atol=1e-5, rtol=0)
