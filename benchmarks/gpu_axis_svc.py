@@ -81,7 +81,8 @@ def run_all(job: MergeJob, plan, workers: int) -> tuple[float, dict]:
     started = time.perf_counter()
     outputs = {}
     with ThreadPoolExecutor(workers) as pool:
-        for _stats, payload in pool.map(lambda unit: merge_unit(job, unit), plan.largest_first()):
+        for _stats, payload in pool.map(lambda unit: _on_own_stream(job, unit),
+                                        plan.largest_first()):
             outputs.update(payload["tensors"])
     _synchronize()
     return time.perf_counter() - started, outputs
@@ -93,6 +94,17 @@ def _on_own_stream(job: MergeJob, unit):
         return merge_unit(job, unit)
     with torch.cuda.stream(torch.cuda.Stream()):
         return merge_unit(job, unit)
+
+
+def warm_up_linear_algebra() -> None:
+    """torch initialises its CUDA linear-algebra backends lazily and not thread-safely: touch
+    each once on the main thread before worker threads call them."""
+    matrix = torch.randn(64, 32, device=DEVICE)
+    torch.linalg.cholesky_ex(matrix.mT @ matrix)
+    torch.linalg.qr(matrix)
+    torch.linalg.svd(matrix, full_matrices=False)
+    randomized_svd(matrix, 4)
+    exact_svd(matrix)
 
 
 def _synchronize() -> None:
@@ -171,13 +183,17 @@ def main() -> None:
     source_bytes = sum((p / "model.safetensors").stat().st_size for p in sources)
     print(f"generated {len(sources)} sources of {source_bytes / len(sources) / 1e9:.2f} GB "
           f"in {time.perf_counter() - started:.0f} s", flush=True)
+    warm_up_linear_algebra()
     for svd_line in svd_timings(dims["hidden_size"], dims["intermediate_size"]):
         print(svd_line, flush=True)
-    for method, svc in [("axis", True), ("task_arithmetic", False)]:
+    runs = [("axis", True, args.workers), ("axis", True, 2 * args.workers),
+            ("task_arithmetic", False, args.workers)]
+    for method, svc, workers in runs:
         job, plan = job_for(base, sources, {"name": method, "k": 0.1}, DEVICE, svc,
-                            threads=max(1, 16 // args.workers))
-        seconds, _ = run_all(job, plan, args.workers)
-        print(f"{method}{'+svc' if svc else ''}: {seconds:.1f} s for {len(plan.units)} units; "
+                            threads=max(1, 16 // workers))
+        seconds, _ = run_all(job, plan, workers)
+        print(f"{method}{'+svc' if svc else ''}, {workers} units at a time: {seconds:.1f} s for "
+              f"{len(plan.units)} units; "
               f"source checkpoints {source_bytes / seconds / 1e9:.2f} GB/s; "
               f"bytes read (all passes) {plan.read_bytes / seconds / 1e9:.2f} GB/s", flush=True)
     print(f"{DEVICE} vs cpu on a tiny Llama, 4 sources:", flush=True)
