@@ -80,10 +80,12 @@ def orthonormalize(columns: Tensor) -> Tensor:
 
 
 def _thin_qr(columns: Tensor) -> tuple[Tensor, Tensor]:
-    """Thin QR of a tall matrix. CholeskyQR2 (two rounds of R = chol(XᵀX), Q = X·R⁻¹: matrix
-    products and a small Cholesky) is several times faster than Householder QR on GPUs; when
-    the columns are too ill-conditioned for it (Cholesky fails, or Q comes out not orthonormal),
-    Householder QR is used instead."""
+    """Thin QR of a tall matrix. On GPUs CholeskyQR2 (two rounds of R = chol(XᵀX), Q = X·R⁻¹:
+    matrix products and a small Cholesky), several times faster there than Householder QR;
+    when the columns are too ill-conditioned for it (Cholesky fails, or Q comes out not
+    orthonormal), and on CPUs, where it is not faster, Householder QR."""
+    if not columns.is_cuda:
+        return torch.linalg.qr(columns)
     q, r = columns, None
     for _ in range(2):
         factor, info = torch.linalg.cholesky_ex(q.mT @ q, upper=True)
