@@ -19,6 +19,7 @@ from raymerge.methods import MergeOptions, build_method
 from raymerge.plan import WorkUnit
 from raymerge.recipe import MethodSpec
 from raymerge.sources.checkpoint import Checkpoint
+from raymerge.sources.lora import LoraAdapter
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 
 READ_CHUNK_ELEMENTS = 1 << 20  # rows are read from the mapped file about this many at a time
@@ -30,7 +31,7 @@ class MergeJob:
     """Everything a task needs besides its unit; small (paths and headers), shared by all tasks."""
 
     base: Checkpoint
-    sources: list[Checkpoint]
+    sources: list[Checkpoint | LoraAdapter]
     weights: list[float]
     method: MethodSpec
     options: MergeOptions = MergeOptions()
@@ -80,8 +81,11 @@ def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
     method.begin(name, base)  # sets the number of passes this tensor needs
     for pass_index in range(method.passes):
         for source_index, source in enumerate(job.sources):
-            _read_into(delta, source, name, minus=base)
-            method.update(pass_index, source_index, delta)
+            if isinstance(source, LoraAdapter):
+                _update_from_lora(method, pass_index, source_index, source, name, delta)
+            else:
+                _read_into(delta, source, name, minus=base)
+                method.update(pass_index, source_index, delta)
     del delta
     merged_delta = method.finish()
     if not getattr(method, "applies_scale", False):
@@ -94,6 +98,21 @@ def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
     }
     merged = base.add_(merged_delta).to(output_dtype)
     return merged, stats
+
+
+def _update_from_lora(method, pass_index: int, source_index: int, adapter: LoraAdapter,
+                      name: str, delta: torch.Tensor) -> None:
+    """A LoRA source in factored form, Δ = left·rightᵀ, for methods that take it; otherwise (or
+    for a tensor the adapter does not touch) as a dense delta."""
+    factors = adapter.factors(name, delta.dtype, delta.device)
+    if factors is None:
+        delta.zero_()
+    elif hasattr(method, "update_factored"):
+        method.update_factored(pass_index, source_index, *factors)
+        return
+    else:
+        torch.matmul(factors[0], factors[1].mT, out=delta)
+    method.update(pass_index, source_index, delta)
 
 
 def _read_into(target: torch.Tensor, checkpoint: Checkpoint, name: str,

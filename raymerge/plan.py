@@ -128,16 +128,14 @@ def _pack_loose(base: Checkpoint, names: list[str], target: int) -> list[tuple[s
 
 
 def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_tensors) -> WorkUnit:
-    source_bytes = sum(
-        source.tensors[tensor.name].nbytes for source in sources for tensor in tensors
-    )
+    source_bytes = sum(source.nbytes_of(tensor.name) for source in sources for tensor in tensors)
     base_bytes = sum(base.tensors[tensor.name].nbytes for tensor in tensors)
     output_bytes = sum(tensor.output_bytes for tensor in tensors)
     # While one tensor is merged the task holds: the base and the current source delta in the
     # compute dtype, the method's state, the raw source tensor, and the unit's finished outputs.
     working = max(
         tensor.numel * compute_itemsize * (2 + state_tensors)
-        + max(source.tensors[tensor.name].nbytes for source in sources)
+        + max(source.nbytes_of(tensor.name) for source in sources)
         for tensor in tensors
     )
     return WorkUnit(

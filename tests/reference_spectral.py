@@ -11,6 +11,14 @@ def _svd(matrix: torch.Tensor):
     return U, S, Vh
 
 
+def _drop_null(U, S, Vh):
+    """Components with σ = 0 to working precision are absent, as in raymerge."""
+    if S.numel() == 0:
+        return U, S, Vh
+    keep = S > max(U.shape[0], Vh.shape[1]) * torch.finfo(S.dtype).eps * S.max()
+    return U[:, keep], S[keep], Vh[keep]
+
+
 def _polar(matrix: torch.Tensor) -> torch.Tensor:
     P, _, Qh = torch.linalg.svd(matrix, full_matrices=False)
     return P @ Qh
@@ -32,7 +40,8 @@ def axis(weighted: list[torch.Tensor], keep: int) -> torch.Tensor:
 
 def tsv(weighted: list[torch.Tensor]):
     k = min(weighted[0].shape) // len(weighted)
-    Us, Ss, Vs = zip(*[(U[:, :k], S[:k], Vh[:k].T) for U, S, Vh in map(_svd, weighted)])
+    Us, Ss, Vs = zip(*[_drop_null(U[:, :k], S[:k], Vh[:k]) for U, S, Vh in map(_svd, weighted)])
+    Vs = [Vh.T for Vh in Vs]
     U_cat, S_cat, V_cat = torch.cat(Us, 1), torch.cat(Ss), torch.cat(Vs, 1)
     return _polar(U_cat), S_cat, _polar(V_cat.T)
 
@@ -53,9 +62,10 @@ def iso_cts(weighted: list[torch.Tensor]) -> torch.Tensor:
     blocks_U, blocks_S, blocks_Vh = [], [], []
     for delta in weighted:
         Ui, Si, Vhi = _svd(delta - U_c @ U_c.T @ delta)
-        blocks_U.append(Ui[:, :s])
-        blocks_S.append(Si[:s])
-        blocks_Vh.append(Vhi[:s])
+        Ui, Si, Vhi = _drop_null(Ui[:, :s], Si[:s], Vhi[:s])
+        blocks_U.append(Ui)
+        blocks_S.append(Si)
+        blocks_Vh.append(Vhi)
     U_all = torch.cat([*blocks_U, U_c], 1)
     S_all = torch.cat([*blocks_S, S_c])
     Vh_all = torch.cat([*blocks_Vh, Vh_c], 0)

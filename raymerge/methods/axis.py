@@ -56,6 +56,16 @@ class Axis(SpectralMethod):
     def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
         self.total_energy += float(weighted.square().sum())
         U, S, V = truncated_svd(weighted, self.keep, self.options.svd, self.svd_seed(source_index))
+        self._add_to_pool(source_index, U, S, V)
+
+    def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
+                               right: Tensor) -> None:
+        """A LoRA source: its components from QR of the factors, never an m×n matrix."""
+        U, S, V = factored_svd(left, torch.ones_like(left[0]), right)
+        self.total_energy += float(S.square().sum())
+        self._add_to_pool(source_index, U[:, : self.keep], S[: self.keep], V[:, : self.keep])
+
+    def _add_to_pool(self, source_index: int, U: Tensor, S: Tensor, V: Tensor) -> None:
         candidates_S = torch.cat([self.pool_S, S])
         # stable sort: on equal σ the pool (earlier sources) stays first, as in the batch order
         order = torch.sort(candidates_S, descending=True, stable=True).indices[: self.keep]

@@ -36,11 +36,25 @@ class Calibrated:
         if pass_index < self.inner.passes:
             self.inner.update(pass_index, source_index, delta)
             return
+        self._start_calibration()
+        self.calibration.add(delta)
+
+    def _start_calibration(self) -> None:
         if self.calibration is None:
             merged = self.inner.finish().mul_(self.scale)
             self.calibration = SvcCalibration(merged, self.alpha, self._inner_factors())
-            del merged
-        self.calibration.add(delta)
+
+    def update_factored(self, pass_index: int, source_index: int, left: Tensor,
+                        right: Tensor) -> None:
+        """A LoRA source in factored form; SVC needs only Uᵀ·Δ_i = (Uᵀ·left)·rightᵀ."""
+        if pass_index < self.inner.passes:
+            if hasattr(self.inner, "update_factored"):
+                self.inner.update_factored(pass_index, source_index, left, right)
+            else:
+                self.inner.update(pass_index, source_index, left @ right.mT)
+            return
+        self._start_calibration()
+        self.calibration.add_projected((self.calibration.U.mT @ left) @ right.mT)
 
     def finish(self) -> Tensor:
         if not self.calibrating:

@@ -19,6 +19,10 @@ class IsoC(SpectralMethod):
     def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
         self.task_sum.add_(weighted)
 
+    def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
+                               right: Tensor) -> None:
+        self.task_sum.addmm_(left, right.mT)
+
     def finish_matrix(self) -> Tensor:
         U, S, V = exact_svd(self.task_sum)
         del self.task_sum

@@ -12,7 +12,13 @@ import torch
 from torch import Tensor
 
 from raymerge.methods.spectral import SpectralMethod
-from raymerge.spectral.svd import exact_svd, polar, truncated_svd
+from raymerge.spectral.svd import (
+    exact_svd,
+    factored_svd,
+    polar,
+    truncated_svd,
+    without_null_components,
+)
 
 COMMON_FRACTION = 0.8
 
@@ -47,10 +53,27 @@ class IsoCts(SpectralMethod):
         # randomized sketch is near-optimal but not the exact triplets: exact unless the
         # recipe asks for randomized outright.
         mode = "randomized" if self.options.svd == "randomized" else "exact"
-        U, S, V = truncated_svd(residual, self.per_source, mode, self.svd_seed(source_index))
+        U, S, V = without_null_components(*truncated_svd(
+            residual, self.per_source, mode, self.svd_seed(source_index)))
         self.task_U.append(U)
         self.task_S.append(S)
         self.task_V.append(V)
+
+    def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
+                               right: Tensor) -> None:
+        """A LoRA source: (I − U_c·U_cᵀ)·left·rightᵀ stays factored; its SVD from QR."""
+        if pass_index == 0:
+            self.task_sum.addmm_(left, right.mT)
+            return
+        if self.task_sum is not None:
+            self._common_space()
+        projected = left - self.common_U @ (self.common_U.mT @ left)
+        U, S, V = without_null_components(
+            *factored_svd(projected, torch.ones_like(left[0]), right))
+        keep = min(self.per_source, S.numel())  # a rank-r adapter gives at most r
+        self.task_U.append(U[:, :keep])
+        self.task_S.append(S[:keep])
+        self.task_V.append(V[:, :keep])
 
     def _common_space(self) -> None:
         U, S, V = exact_svd(self.task_sum)

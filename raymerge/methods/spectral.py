@@ -47,6 +47,16 @@ class SpectralMethod:
         weighted = delta if weight == 1.0 else delta.mul_(weight)
         self.update_matrix(pass_index, source_index, weighted)
 
+    def update_factored(self, pass_index: int, source_index: int, left: Tensor,
+                        right: Tensor) -> None:
+        """Δ_i = left·rightᵀ (a LoRA source, left m×r, right n×r)."""
+        weight = self.weights[source_index]
+        if not self.is_matrix:
+            self.weighted_sum.addmm_(left, right.mT, alpha=weight)
+            return
+        self.update_matrix_factored(pass_index, source_index,
+                                    left if weight == 1.0 else left * weight, right)
+
     def finish(self) -> Tensor:
         if not self.is_matrix:
             merged, self.weighted_sum = self.weighted_sum, None
@@ -62,6 +72,11 @@ class SpectralMethod:
 
     def finish_matrix(self) -> Tensor:
         raise NotImplementedError
+
+    def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
+                               right: Tensor) -> None:
+        """Default: the dense delta. Methods with a factored path override this."""
+        self.update_matrix(pass_index, source_index, left @ right.mT)
 
     def svd_seed(self, source_index: int) -> int:
         """Randomized SVDs are seeded per (seed, source): reruns give identical bytes."""

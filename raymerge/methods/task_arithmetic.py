@@ -26,6 +26,11 @@ class TaskArithmetic:
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         self.merged.add_(delta, alpha=self.weights[source_index])
 
+    def update_factored(self, pass_index: int, source_index: int, left: Tensor,
+                        right: Tensor) -> None:
+        """Δ = left·rightᵀ (a LoRA source): added without a per-source m×n matrix."""
+        self.merged.addmm_(left, right.mT, alpha=self.weights[source_index])
+
     def finish(self) -> Tensor:
         merged, self.merged = self.merged, None
         return merged

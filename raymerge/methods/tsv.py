@@ -6,11 +6,17 @@ hold N·k ≤ r columns whatever N is."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from raymerge.errors import RecipeError
 from raymerge.methods.spectral import SpectralMethod
-from raymerge.spectral.svd import polar, truncated_svd
+from raymerge.spectral.svd import (
+    factored_svd,
+    polar,
+    truncated_svd,
+    without_null_components,
+)
 
 
 class Tsv(SpectralMethod):
@@ -27,26 +33,40 @@ class Tsv(SpectralMethod):
                 )
 
     def begin_matrix(self, base: Tensor) -> None:
-        rows, cols = base.shape
+        self.like = base.new_empty(0)  # dtype and device of the result, without its size
+        self.shape = base.shape
         self.per_source = min(base.shape) // self.num_sources
         if self.per_source == 0:
             self.check(self.settings, {self.name: tuple(base.shape)}, self.num_sources,
                        self.options)
-        width = self.per_source * self.num_sources
-        self.stack_U = base.new_zeros(rows, width)
-        self.stack_S = base.new_zeros(width)
-        self.stack_V = base.new_zeros(cols, width)
+        self.stack_U: list[Tensor] = []  # at most N·k ≤ r columns in all
+        self.stack_S: list[Tensor] = []
+        self.stack_V: list[Tensor] = []
 
     def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
-        U, S, V = truncated_svd(weighted, self.per_source, self.options.svd,
-                                self.svd_seed(source_index))
-        columns = slice(source_index * self.per_source, (source_index + 1) * self.per_source)
-        self.stack_U[:, columns] = U
-        self.stack_S[columns] = S
-        self.stack_V[:, columns] = V
+        U, S, V = without_null_components(*truncated_svd(
+            weighted, self.per_source, self.options.svd, self.svd_seed(source_index)))
+        self._place(source_index, U, S, V)
+
+    def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
+                               right: Tensor) -> None:
+        """A LoRA source (rank r_i): its top-k from QR of the factors; beyond r_i, σ = 0."""
+        U, S, V = without_null_components(*factored_svd(left, torch.ones_like(left[0]), right))
+        keep = min(self.per_source, S.numel())
+        self._place(source_index, U[:, :keep], S[:keep], V[:, :keep])
+
+    def _place(self, source_index: int, U: Tensor, S: Tensor, V: Tensor) -> None:
+        self.stack_U.append(U)
+        self.stack_S.append(S)
+        self.stack_V.append(V)
 
     def finish_matrix(self) -> Tensor:
-        left, right = polar(self.stack_U), polar(self.stack_V)
-        self.report.factors = (left, self.stack_S, right)  # an SVD of M, σ unsorted
-        del self.stack_U, self.stack_S, self.stack_V
-        return (left * self.report.factors[1]) @ right.mT
+        stack_S = torch.cat(self.stack_S)
+        if stack_S.numel() == 0:  # every source left this matrix unchanged
+            self.stack_U = self.stack_S = self.stack_V = []
+            return self.like.new_zeros(self.shape)
+        left = polar(torch.cat(self.stack_U, dim=1))
+        right = polar(torch.cat(self.stack_V, dim=1))
+        self.report.factors = (left, stack_S, right)  # an SVD of M, σ unsorted
+        self.stack_U = self.stack_S = self.stack_V = []
+        return (left * stack_S) @ right.mT

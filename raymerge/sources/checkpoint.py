@@ -34,6 +34,9 @@ class Checkpoint:
     def files(self) -> list[str]:
         return sorted({info.file for info in self.tensors.values()})
 
+    def nbytes_of(self, name: str) -> int:
+        return self.tensors[name].nbytes
+
     @property
     def nbytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())

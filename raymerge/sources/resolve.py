@@ -7,6 +7,7 @@ from pathlib import Path
 
 from raymerge.errors import SourceError
 from raymerge.sources.checkpoint import PICKLE_FILES, Checkpoint, safetensors_files
+from raymerge.sources.lora import LoraAdapter, is_lora_directory, open_lora
 from raymerge.sources.pickle_convert import convert_pickle_checkpoint
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -15,9 +16,10 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken"
 
 def resolve_checkpoint(
     label: str, allow_pickle: bool = False, pickle_cache: Path | None = None
-) -> Checkpoint:
+) -> Checkpoint | LoraAdapter:
     """A local directory, or a Hub repo 'org/name[@revision]' downloaded (weights, configs and
-    tokenizer files only) into the Hugging Face cache with its revision pinned."""
+    tokenizer files only) into the Hugging Face cache with its revision pinned. A directory with
+    an adapter_config.json is a PEFT LoRA adapter."""
     path = Path(label).expanduser()
     revision = None
     if path.exists():
@@ -28,11 +30,8 @@ def resolve_checkpoint(
         directory, revision = _download_from_hub(label)
     else:
         raise SourceError(f"source {label}: not found; give an existing directory or 'org/name'")
-    if (directory / "adapter_config.json").exists():
-        raise SourceError(
-            f"source {label}: is a PEFT LoRA adapter, which this version merges only after "
-            "`peft` merge_and_unload; save the merged model and use that directory"
-        )
+    if is_lora_directory(directory):
+        return open_lora(label, directory, revision)
     if _has_pickle_only(directory):
         if not allow_pickle:
             raise SourceError(

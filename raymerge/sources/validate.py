@@ -4,18 +4,47 @@ from __future__ import annotations
 
 from raymerge.errors import SourceError
 from raymerge.sources.checkpoint import Checkpoint
+from raymerge.sources.lora import LoraAdapter
 from raymerge.sources.safetensors_header import MERGEABLE_DTYPES
 
 
-def validate_sources(base: Checkpoint, sources: list[Checkpoint]) -> None:
+def validate_sources(base: Checkpoint, sources: list[Checkpoint | LoraAdapter]) -> None:
     """Raise SourceError naming the first problem: dtype, architecture, vocabulary, tensor set,
     shape. Runs before any tensor data is read."""
     _check_dtypes(base)
     for source in sources:
+        if isinstance(source, LoraAdapter):
+            _check_lora(base, source)
+            continue
         _check_dtypes(source)
         _check_config(base, source)
         _check_tensor_names(base, source)
         _check_shapes(base, source)
+
+
+def _check_lora(base: Checkpoint, adapter: LoraAdapter) -> None:
+    """Every LoRA target must be a matrix of the base with B: m × r and A: r × n."""
+    if not adapter.targets:
+        raise SourceError(f"source {adapter.label}: the adapter has no LoRA factors")
+    for name, target in adapter.targets.items():
+        module = name.removesuffix(".weight")
+        if name not in base.tensors:
+            raise SourceError(
+                f"source {adapter.label}: LoRA target {module} does not exist in the base "
+                f"(no tensor {name}); is this adapter for another base model?"
+            )
+        rows, cols = base.tensors[name].shape if len(base.tensors[name].shape) == 2 else (0, 0)
+        rank = target.down.shape[0]
+        if target.up.shape != (rows, rank) or target.down.shape != (rank, cols):
+            raise SourceError(
+                f"source {adapter.label}: LoRA factors of {module} are B {list(target.up.shape)}"
+                f" and A {list(target.down.shape)}, which do not multiply to the base's "
+                f"{list(base.tensors[name].shape)}; is this adapter for another base model?"
+            )
+        for info in (target.up, target.down):
+            if info.dtype not in MERGEABLE_DTYPES:
+                raise SourceError(f"source {adapter.label}: LoRA factor {info.name} has dtype "
+                                  f"{info.dtype}; use an unquantized adapter")
 
 
 def _check_dtypes(checkpoint: Checkpoint) -> None:

@@ -28,7 +28,10 @@ class SvcCalibration:
 
     def add(self, delta: Tensor) -> None:
         """One source's unweighted task delta Δ_i."""
-        source_rows = self.U.mT @ delta  # a_i: r × n
+        self.add_projected(self.U.mT @ delta)
+
+    def add_projected(self, source_rows: Tensor) -> None:
+        """One source's a_i = Uᵀ·Δ_i (r × n), when the caller can form it more cheaply."""
         agreement = (self.merged_rows * source_rows).sum(dim=1)
         strength = agreement / source_rows.square().sum(dim=1).clamp(min=NORM_FLOOR)
         self.clipped_sum.add_(strength.clamp(min=self.alpha))

@@ -122,6 +122,21 @@ def factored_svd(left: Tensor, scales: Tensor, right: Tensor) -> Svd:
     return Svd(q_left @ U, S, q_right @ Vh.mT)
 
 
+def without_null_components(U: Tensor, S: Tensor, V: Tensor) -> Svd:
+    """Drop the triplets whose σ is zero to working precision (σ ≤ max(m, n)·ε·σ_max, or all
+    of them for a zero matrix): their singular vectors are arbitrary, and in a stack that is
+    polar-orthogonalised (TSV-M, Iso-CTS) they would add arbitrary directions. A rank-r source
+    (a LoRA update; zero where the adapter does not reach) thus contributes exactly its r
+    components, dense or factored."""
+    if S.numel() == 0:
+        return Svd(U, S, V)
+    keep = S > max(U.shape[0], V.shape[0]) * torch.finfo(S.dtype).eps * S.max()
+    if bool(keep.all()):
+        return Svd(U, S, V)
+    keep = keep.nonzero().flatten()
+    return Svd(U[:, keep], S[keep], V[:, keep])
+
+
 def polar(matrix: Tensor) -> Tensor:
     """The orthogonal polar factor P·Qᵀ of matrix = P·diag(σ)·Qᵀ (columns orthonormalised)."""
     P, _, Qh = torch.linalg.svd(matrix, full_matrices=False)

@@ -1,0 +1,125 @@
+"""PEFT LoRA adapters as sources: Δ = s·B·A for each target matrix (s = lora_alpha / r, or
+lora_alpha / √r with rsLoRA), zero elsewhere. The factors are read, never an m×n product, unless
+a method can only work on dense deltas."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from raymerge.errors import SourceError
+from raymerge.sources.safetensors_header import TensorInfo, read_header
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# base_model.model.<module>.lora_A[.<adapter name>].weight -> <module>.weight
+_LORA_KEY = re.compile(
+    r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+
+
+@dataclass(frozen=True)
+class LoraTarget:
+    down: TensorInfo  # A: r × n
+    up: TensorInfo  # B: m × r
+    scale: float
+
+
+@dataclass
+class LoraAdapter:
+    label: str
+    directory: Path
+    targets: dict[str, LoraTarget]  # base tensor name -> factors
+    config: dict[str, Any] = field(default_factory=dict)
+    revision: str | None = None
+
+    @property
+    def files(self) -> list[str]:
+        return [str(self.directory / ADAPTER_WEIGHTS)]
+
+    def nbytes_of(self, name: str) -> int:
+        target = self.targets.get(name)
+        return 0 if target is None else target.down.nbytes + target.up.nbytes
+
+    def factors(self, name: str, dtype: torch.dtype, device: str
+                ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(left, right) with Δ = left·rightᵀ: left = s·B (m × r), right = Aᵀ (n × r); None
+        where the adapter does not touch this tensor (Δ = 0)."""
+        target = self.targets.get(name)
+        if target is None:
+            return None
+        with safe_open(target.up.file, framework="pt", device="cpu") as handle:
+            up = handle.get_tensor(target.up.name)
+            down = handle.get_tensor(target.down.name)
+        left = up.to(device=device, dtype=dtype).mul_(target.scale)
+        right = down.to(device=device, dtype=dtype).mT
+        if not (torch.isfinite(left.sum()) and torch.isfinite(right.sum())):
+            raise SourceError(
+                f"source {self.label}: LoRA factors of {name} contain NaN or Inf; "
+                "this adapter diverged or is corrupted, leave it out or re-save it"
+            )
+        return left, right
+
+
+def is_lora_directory(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG).exists()
+
+
+def open_lora(label: str, directory: Path, revision: str | None = None) -> LoraAdapter:
+    directory = directory.resolve()
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text())
+    except json.JSONDecodeError:
+        raise SourceError(f"source {label}: {ADAPTER_CONFIG} is not valid JSON; re-save the "
+                          "adapter") from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise SourceError(f"source {label}: PEFT type {config.get('peft_type')} is not LoRA; "
+                          "only LoRA adapters can be merged")
+    unsupported = [key for key in ("rank_pattern", "alpha_pattern", "modules_to_save")
+                   if config.get(key)]
+    if config.get("fan_in_fan_out"):
+        unsupported.append("fan_in_fan_out")
+    if unsupported:
+        raise SourceError(
+            f"source {label}: adapter uses {', '.join(unsupported)}, which raymerge does not "
+            "merge yet; merge it into the base with peft's merge_and_unload and use that model"
+        )
+    weights = directory / ADAPTER_WEIGHTS
+    if not weights.exists():
+        raise SourceError(f"source {label}: no {ADAPTER_WEIGHTS} in {directory}; save the "
+                          "adapter with safetensors")
+    try:
+        header = read_header(weights)
+    except SourceError as error:
+        raise SourceError(f"source {label}: {error}") from None
+    return LoraAdapter(label=label, directory=directory, config=config, revision=revision,
+                       targets=_pair_factors(label, header, config))
+
+
+def _pair_factors(label: str, header: dict[str, TensorInfo], config: dict
+                  ) -> dict[str, LoraTarget]:
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in header.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            raise SourceError(
+                f"source {label}: adapter tensor {key} is not a LoRA A/B factor of a linear "
+                "layer; raymerge merges LoRA on linear layers only"
+            )
+        parts.setdefault(f"{match['module']}.weight", {})[match["part"]] = info
+    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    targets = {}
+    for name, pair in sorted(parts.items()):
+        if set(pair) != {"A", "B"}:
+            raise SourceError(f"source {label}: LoRA factor {'A' if 'A' not in pair else 'B'} "
+                              f"of {name} is missing; re-save the adapter")
+        rank = pair["A"].shape[0]
+        scale = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+        targets[name] = LoraTarget(down=pair["A"], up=pair["B"], scale=scale)
+    return targets
