@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from raymerge.methods.axis import Axis
-from raymerge.methods.base import MergeOptions, Method, TensorReport
-from raymerge.methods.calibrated import Calibrated
-from raymerge.methods.dare import Dare
-from raymerge.methods.iso_c import IsoC
-from raymerge.methods.iso_cts import IsoCts
-from raymerge.methods.task_arithmetic import TaskArithmetic
-from raymerge.methods.ties import Ties
-from raymerge.methods.tsv import Tsv
+from .axis import Axis
+from .base import MergeOptions, Method, TensorReport
+from .calibrated import Calibrated
+from .dare import Dare
+from .iso_c import IsoC
+from .iso_cts import IsoCts
+from .task_arithmetic import TaskArithmetic
+from .ties import Ties
+from .tsv import Tsv
 
 METHODS: dict[str, type[Method]] = {
     "task_arithmetic": TaskArithmetic,

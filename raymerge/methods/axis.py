@@ -11,9 +11,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raymerge.errors import RecipeError
-from raymerge.methods.spectral import SpectralMethod
-from raymerge.spectral.svd import factored_svd, truncated_svd
+from ..errors import RecipeError
+from ..spectral.svd import factored_svd, truncated_svd
+from .spectral import SpectralMethod
 
 
 def components_to_keep(k: int | float, full_rank: int) -> int:

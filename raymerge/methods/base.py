@@ -9,8 +9,8 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from raymerge.recipe import DEFAULT_EXCLUDE, MethodSpec
-from raymerge.roles import is_excluded
+from ..recipe import DEFAULT_EXCLUDE, MethodSpec
+from ..roles import is_excluded
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raymerge.methods.base import MergeOptions, TensorReport
-from raymerge.spectral.svc import SvcCalibration
-from raymerge.spectral.svd import Svd
+from ..spectral.svc import SvcCalibration
+from ..spectral.svd import Svd
+from .base import MergeOptions, TensorReport
 
 GAMMA_QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
 

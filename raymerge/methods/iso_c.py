@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raymerge.methods.spectral import SpectralMethod
-from raymerge.spectral.svd import exact_svd
+from ..spectral.svd import exact_svd
+from .spectral import SpectralMethod
 
 
 class IsoC(SpectralMethod):

@@ -11,14 +11,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raymerge.methods.spectral import SpectralMethod
-from raymerge.spectral.svd import (
+from ..spectral.svd import (
     exact_svd,
     factored_svd,
     polar,
     truncated_svd,
     without_null_components,
 )
+from .spectral import SpectralMethod
 
 COMMON_FRACTION = 0.8
 

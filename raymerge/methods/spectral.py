@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raymerge.methods.base import MergeOptions, TensorReport
-from raymerge.recipe import MethodSpec
+from ..recipe import MethodSpec
+from .base import MergeOptions, TensorReport
 
 
 class SpectralMethod:

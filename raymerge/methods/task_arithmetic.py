@@ -7,8 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raymerge.methods.base import MergeOptions
-from raymerge.recipe import MethodSpec
+from ..recipe import MethodSpec
+from .base import MergeOptions
 
 
 class TaskArithmetic:

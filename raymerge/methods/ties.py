@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from raymerge.methods.base import MergeOptions
-from raymerge.recipe import MethodSpec
+from ..recipe import MethodSpec
+from .base import MergeOptions
 
 CHUNK = 1 << 18  # elements per step of the elementwise work: temporaries stay in cache
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raymerge.errors import RecipeError
-from raymerge.methods.spectral import SpectralMethod
-from raymerge.spectral.svd import (
+from ..errors import RecipeError
+from ..spectral.svd import (
     factored_svd,
     polar,
     truncated_svd,
     without_null_components,
 )
+from .spectral import SpectralMethod
 
 
 class Tsv(SpectralMethod):

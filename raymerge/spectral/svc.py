@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raymerge.spectral.svd import Svd, exact_svd
+from .svd import Svd, exact_svd
 
 NORM_FLOOR = 1e-12
 
