@@ -22,13 +22,14 @@ from raymerge.plan import make_plan
 from raymerge.recipe import MethodSpec
 from raymerge.sources import Checkpoint
 
-base_dir, method, *source_dirs = sys.argv[1:]
+base_dir, method, calibrate, *source_dirs = sys.argv[1:]
 base = Checkpoint.open("base", Path(base_dir))
 sources = [Checkpoint.open(d, Path(d)) for d in source_dirs]
 plan = make_plan(base, sources, output_dtype=None, state_tensors=4)
 unit = next(u for u in plan.units if u.name == "model.layers.0")
 job = MergeJob(base=base, sources=sources, weights=[1.0] * len(sources),
-               method=MethodSpec(name=method, density=0.3), num_threads=1)
+               method=MethodSpec(name=method, density=0.3),
+               svc_alpha=1 / len(sources) if calibrate == "svc" else None, num_threads=1)
 merge_unit(job, min(plan.units, key=lambda u: u.read_bytes))  # warm up on the smallest unit
 def status_kib(key):
     line = next(l for l in open("/proc/self/status") if l.startswith(key + ":"))
@@ -52,22 +53,25 @@ def twelve_sources(tmp_path_factory):
     return base, [write_finetune(base, root / f"ft-{i}", seed=i) for i in range(12)]
 
 
-def _peak_added(base, sources, method: str) -> dict:
+def _peak_added(base, sources, method: str, calibrate: str = "") -> dict:
     # Fixed glibc mmap threshold: every large buffer is mapped and unmapped on its own, so the
     # peak reflects what is alive, not how the heap happened to fragment.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(base), method, *map(str, sources)],
+        [sys.executable, "-c", _MEASURE, str(base), method, calibrate, *map(str, sources)],
         capture_output=True, text=True, check=True, env=env,
     )
     return json.loads(result.stdout)
 
 
-@pytest.mark.parametrize("method", ["ties", "task_arithmetic", "dare"])
-def test_task_peak_memory_does_not_grow_with_sources(twelve_sources, method):
+@pytest.mark.parametrize("method, calibrate", [
+    ("ties", ""), ("task_arithmetic", ""), ("dare", ""),
+    ("axis", "svc"), ("tsv", ""), ("iso_cts", "svc"),
+])
+def test_task_peak_memory_does_not_grow_with_sources(twelve_sources, method, calibrate):
     base, sources = twelve_sources
-    two = _peak_added(base, sources[:2], method)
-    twelve = _peak_added(base, sources, method)
+    two = _peak_added(base, sources[:2], method, calibrate)
+    twelve = _peak_added(base, sources, method, calibrate)
     one_source = twelve["unit_source_bytes"]
     # Holding every source would add 10 more sources' worth (160 MiB) going from 2 to 12.
     assert twelve["added"] - two["added"] < 0.5 * one_source, (two, twelve)

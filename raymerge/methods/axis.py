@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..errors import RecipeError
-from ..spectral.svd import factored_svd, truncated_svd
+from ..spectral.svd import factored_svd, leading_triplets, truncated_svd
 from .spectral import SpectralMethod
 
 
@@ -63,7 +63,7 @@ class Axis(SpectralMethod):
         """A LoRA source: its components from QR of the factors, never an m×n matrix."""
         U, S, V = factored_svd(left, torch.ones_like(left[0]), right)
         self.total_energy += float(S.square().sum())
-        self._add_to_pool(source_index, U[:, : self.keep], S[: self.keep], V[:, : self.keep])
+        self._add_to_pool(source_index, *leading_triplets(U, S, V, self.keep))
 
     def _add_to_pool(self, source_index: int, U: Tensor, S: Tensor, V: Tensor) -> None:
         candidates_S = torch.cat([self.pool_S, S])

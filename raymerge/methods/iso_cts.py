@@ -14,6 +14,7 @@ from torch import Tensor
 from ..spectral.svd import (
     exact_svd,
     factored_svd,
+    leading_triplets,
     polar,
     truncated_svd,
     without_null_components,
@@ -71,9 +72,10 @@ class IsoCts(SpectralMethod):
         U, S, V = without_null_components(
             *factored_svd(projected, torch.ones_like(left[0]), right))
         keep = min(self.per_source, S.numel())  # a rank-r adapter gives at most r
-        self.task_U.append(U[:, :keep])
-        self.task_S.append(S[:keep])
-        self.task_V.append(V[:, :keep])
+        U, S, V = leading_triplets(U, S, V, keep)
+        self.task_U.append(U)
+        self.task_S.append(S)
+        self.task_V.append(V)
 
     def _common_space(self) -> None:
         U, S, V = exact_svd(self.task_sum)

@@ -12,6 +12,7 @@ from torch import Tensor
 from ..errors import RecipeError
 from ..spectral.svd import (
     factored_svd,
+    leading_triplets,
     polar,
     truncated_svd,
     without_null_components,
@@ -53,7 +54,7 @@ class Tsv(SpectralMethod):
         """A LoRA source (rank r_i): its top-k from QR of the factors; beyond r_i, σ = 0."""
         U, S, V = without_null_components(*factored_svd(left, torch.ones_like(left[0]), right))
         keep = min(self.per_source, S.numel())
-        self._place(source_index, U[:, :keep], S[:keep], V[:, :keep])
+        self._place(source_index, *leading_triplets(U, S, V, keep))
 
     def _place(self, source_index: int, U: Tensor, S: Tensor, V: Tensor) -> None:
         self.stack_U.append(U)

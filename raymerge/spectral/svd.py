@@ -62,7 +62,7 @@ def randomized_svd(matrix: Tensor, rank: int, seed: int = 0, oversample: int = O
     # of the small sketch × sketch Rᵀ gives B's: no SVD of a wide matrix is needed.
     q_right, r_right = _thin_qr(matrix.mT @ basis)
     U, S, Wh = _small_svd(r_right.mT)
-    return Svd((basis @ U)[:, :rank], S[:rank], (q_right @ Wh.mT)[:, :rank])
+    return leading_triplets(basis @ U, S, q_right @ Wh.mT, rank)
 
 
 def _small_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -109,7 +109,14 @@ def truncated_svd(matrix: Tensor, rank: int, mode: str = "auto", seed: int = 0) 
     if use_randomized:
         return randomized_svd(matrix, rank, seed=seed)
     U, S, V = exact_svd(matrix)
-    return Svd(U[:, :rank], S[:rank], V[:, :rank])
+    return leading_triplets(U, S, V, rank)
+
+
+def leading_triplets(U: Tensor, S: Tensor, V: Tensor, rank: int) -> Svd:
+    """The first `rank` triplets as tensors of their own: a slice would keep the whole SVD
+    alive, and methods that keep triplets from every source (TSV-M, Iso-CTS) would then hold
+    memory that grows with N."""
+    return Svd(U[:, :rank].contiguous(), S[:rank].clone(), V[:, :rank].contiguous())
 
 
 def factored_svd(left: Tensor, scales: Tensor, right: Tensor) -> Svd:
@@ -134,7 +141,7 @@ def without_null_components(U: Tensor, S: Tensor, V: Tensor) -> Svd:
     if bool(keep.all()):
         return Svd(U, S, V)
     keep = keep.nonzero().flatten()
-    return Svd(U[:, keep], S[keep], V[:, keep])
+    return Svd(U[:, keep], S[keep], V[:, keep])  # index selection copies
 
 
 def polar(matrix: Tensor) -> Tensor:
