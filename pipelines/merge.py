@@ -1,6 +1,6 @@
 """Entrypoint for `ray job submit`: merge a recipe on the job's cluster.
 
-    ray job submit --working-dir . -- python pipelines/merge.py recipe.yaml [--out DIR]
+    ray job submit --working-dir . -- python -m pipelines.merge recipe.yaml [--out DIR]
 
 The job's driver runs here; Ray tasks run on the cluster's workers; the writer actor is pinned to
 this driver's node, so --out (or output.path) must be writable on the node the job runs on.
