@@ -44,6 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--allow-pickle", action="store_true")
     plan.set_defaults(run=_plan, out=None)
 
+    tune = commands.add_parser(
+        "tune", help="tune the singular values of an AXIS merge on text data (Ray Train)")
+    tune.add_argument("config", help="TUNE.yaml")
+    tune.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    tune.set_defaults(run=_tune)
+
     inspect = commands.add_parser(
         "inspect", help="a checkpoint's tensors; for a raymerge output, its merge statistics")
     inspect.add_argument("directory")
@@ -58,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="ties", help="task_arithmetic | ties | dare")
     demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     demo.set_defaults(run=_demo)
-    for sub in (merge, plan, inspect, demo):
+    for sub in (merge, plan, tune, inspect, demo):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show tracebacks on errors")
     return parser
@@ -88,6 +94,18 @@ def _merge(args: argparse.Namespace) -> int:
         return 0
     result = run_merge(prepared, address=args.address, show_progress=not args.no_progress)
     print(format_summary(result.summary, str(result.output)))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from raymerge.tune.config import load_tune_config
+    from raymerge.tune.job import run_tune
+
+    report = run_tune(load_tune_config(args.config), address=args.address)
+    print(f"tuned {report['trainable_parameters']} singular values for {report['steps']} steps "
+          f"({report['seconds_per_step']:.2f} s/step): held-out loss "
+          f"{report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}; "
+          f"folded checkpoint in {report['output']}")
     return 0
 
 

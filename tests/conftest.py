@@ -39,6 +39,7 @@ def save_tiny_llama(directory: Path, dtype: torch.dtype, seed: int = 0,
     """A real transformers LlamaForCausalLM checkpoint with a word-level tokenizer."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(seed)
@@ -46,8 +47,9 @@ def save_tiny_llama(directory: Path, dtype: torch.dtype, seed: int = 0,
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
     vocab = {f"w{i}": i for i in range(TINY_LLAMA["vocab_size"] - 1)} | {"[UNK]": 95}
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="[UNK]")), unk_token="[UNK]")
+    word_level = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    word_level.pre_tokenizer = Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level, unk_token="[UNK]")
     tokenizer.save_pretrained(directory)
     return directory
 

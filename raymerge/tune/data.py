@@ -1,0 +1,78 @@
+"""Text data for tuning: read with Ray Data, tokenized with the checkpoint's tokenizer, packed
+into fixed-length sequences (input_ids, labels; -100 where no loss is taken)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+IGNORE = -100
+
+
+def read_text_dataset(path: str):
+    """A parquet or JSON Lines file, or a directory of them, as a Ray Dataset."""
+    import ray.data
+
+    location = Path(path)
+    files = sorted(location.rglob("*")) if location.is_dir() else [location]
+    if any(f.suffix == ".parquet" for f in files):
+        return ray.data.read_parquet(str(location))
+    return ray.data.read_json(str(location), lines=True)
+
+
+class Packer:
+    """map_batches callable: tokenize texts (or prompt/response pairs) and cut the stream into
+    rows of seq_len tokens. Prompt tokens get label -100, so the loss is on responses only."""
+
+    def __init__(self, tokenizer_path: str, seq_len: int, text_column: str = "text",
+                 prompt_column: str | None = None, response_column: str | None = None) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.seq_len = seq_len
+        self.text_column = text_column
+        self.prompt_column = prompt_column
+        self.response_column = response_column
+        self.separator = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None \
+            else []
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids: list[int] = []
+        labels: list[int] = []
+        if self.prompt_column:
+            for prompt, response in zip(batch[self.prompt_column], batch[self.response_column]):
+                prompt_ids = self._encode(prompt)
+                response_ids = self._encode(response) + self.separator
+                ids += prompt_ids + response_ids
+                labels += [IGNORE] * len(prompt_ids) + response_ids
+        else:
+            for text in batch[self.text_column]:
+                text_ids = self._encode(text) + self.separator
+                ids += text_ids
+                labels += text_ids
+        rows = len(ids) // self.seq_len
+        shape = (rows, self.seq_len)
+        return {
+            "input_ids": np.asarray(ids[: rows * self.seq_len], dtype=np.int64).reshape(shape),
+            "labels": np.asarray(labels[: rows * self.seq_len], dtype=np.int64).reshape(shape),
+        }
+
+    def _encode(self, text) -> list[int]:
+        return self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
+
+
+def packed_datasets(config, tokenizer_path: str):
+    """(train, eval) Ray Datasets of packed sequences."""
+    data = config.data
+    train = read_text_dataset(data.train)
+    if data.eval:
+        evaluation = read_text_dataset(data.eval)
+    else:
+        train, evaluation = train.train_test_split(test_size=data.eval_fraction,
+                                                   seed=config.seed)
+    packer_args = dict(fn_constructor_args=(tokenizer_path, config.seq_len, data.text_column,
+                                            data.prompt_column, data.response_column),
+                       batch_size=256, concurrency=1, num_cpus=0.5)
+    return (train.map_batches(Packer, **packer_args),
+            evaluation.map_batches(Packer, **packer_args))

@@ -1,0 +1,84 @@
+"""`raymerge tune`: run the σ-tuning TorchTrainer on the cluster and fold σ back."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+from ..errors import RaymergeError
+from ..output.staging import check_output_path
+from .config import TuneConfig
+from .data import packed_datasets
+from .fold import write_folded_checkpoint
+from .train import PROGRESS_FILE, SIGMA_FILE, folded_weights, train_loop
+
+
+def run_tune(settings: TuneConfig, address: str | None = None,
+             extra_loop_config: dict | None = None) -> dict:
+    """Train, fold, publish; returns the run's figures."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from ..distributed.cluster import ray_session
+
+    merged, target = Path(settings.merged).resolve(), Path(settings.output).resolve()
+    check_output_path(target, [merged, Path(settings.base).resolve()])
+    settings = settings.model_copy(update={"merged": str(merged),
+                                           "base": str(Path(settings.base).resolve())})
+    run_name = settings.run_name or f"tune-{merged.name}"
+    started = time.perf_counter()
+    with ray_session(address):
+        train, evaluation = packed_datasets(settings, str(merged))
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"tune": settings.model_dump(mode="json"),
+                               **(extra_loop_config or {})},
+            scaling_config=ScalingConfig(num_workers=settings.num_workers,
+                                         use_gpu=settings.use_gpu,
+                                         resources_per_worker={"CPU": settings.cpus_per_worker}),
+            run_config=RunConfig(name=run_name,
+                                 storage_path=str(Path(settings.storage_path).resolve()),
+                                 failure_config=FailureConfig(max_failures=settings.max_failures)),
+            datasets={"train": train, "eval": evaluation},
+        )
+        result = trainer.fit()
+    if result.checkpoint is None:
+        raise RaymergeError(f"tuning run {run_name} reported no checkpoint; check its logs")
+    with result.checkpoint.as_directory() as directory:
+        sigmas = load_file(Path(directory) / SIGMA_FILE)
+        progress = json.loads((Path(directory) / PROGRESS_FILE).read_text())
+    report = {
+        "run_name": run_name,
+        "eval_loss_before": progress["eval_loss_before"],
+        "eval_loss_after": progress["eval_loss"],
+        "trainable_parameters": _trainable(settings, sigmas),
+        "steps": progress["steps"],
+        "seconds_per_step": progress["train_seconds"] / max(1, progress["steps"]),
+        "seconds": time.perf_counter() - started,
+    }
+    write_folded_checkpoint(merged, target, folded_weights(settings, sigmas),
+                            {"tuning": report}, _card(settings, report))
+    return {**report, "output": str(target), "sigmas": sigmas}
+
+
+def _trainable(settings: TuneConfig, sigmas: dict) -> int:
+    from .swap import trainable_count
+
+    return sum(trainable_count(settings.n, sigma.numel()) for sigma in sigmas.values())
+
+
+def _card(settings: TuneConfig, report: dict) -> str:
+    return "\n".join([
+        "---", "library_name: transformers", "tags: [merge, raymerge, axis]", "---", "",
+        f"# AXIS merge with tuned singular values (from `{settings.merged}`)", "",
+        f"Only the top singular values of each merged matrix were trained "
+        f"({report['trainable_parameters']} parameters) on `{settings.data.train}` for "
+        f"{report['steps']} steps ({settings.epochs} epochs, {settings.optimizer.name}, "
+        f"lr {settings.optimizer.lr:g}).", "",
+        "| held-out | before | after |", "| --- | --- | --- |",
+        f"| loss | {report['eval_loss_before']:.4f} | {report['eval_loss_after']:.4f} |",
+        "", "Reference: AXIS, arXiv 2508.19353 (stage 2).", "",
+    ])
