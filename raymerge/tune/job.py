@@ -26,21 +26,22 @@ def run_tune(settings: TuneConfig, address: str | None = None,
 
     merged, target = Path(settings.merged).resolve(), Path(settings.output).resolve()
     check_output_path(target, [merged, Path(settings.base).resolve()])
-    settings = settings.model_copy(update={"merged": str(merged),
-                                           "base": str(Path(settings.base).resolve())})
+    settings = settings.model_copy(update={
+        "merged": str(merged), "base": str(Path(settings.base).resolve()),
+        "storage_path": str(Path(settings.storage_path).resolve())})
     run_name = settings.run_name or f"tune-{merged.name}"
     started = time.perf_counter()
     with ray_session(address):
         train, evaluation = packed_datasets(settings, str(merged))
         trainer = TorchTrainer(
             train_loop,
-            train_loop_config={"tune": settings.model_dump(mode="json"),
+            train_loop_config={"tune": settings.model_dump(mode="json"), "run_name": run_name,
                                **(extra_loop_config or {})},
             scaling_config=ScalingConfig(num_workers=settings.num_workers,
                                          use_gpu=settings.use_gpu,
                                          resources_per_worker={"CPU": settings.cpus_per_worker}),
             run_config=RunConfig(name=run_name,
-                                 storage_path=str(Path(settings.storage_path).resolve()),
+                                 storage_path=settings.storage_path,
                                  failure_config=FailureConfig(max_failures=settings.max_failures)),
             datasets={"train": train, "eval": evaluation},
         )
@@ -56,6 +57,8 @@ def run_tune(settings: TuneConfig, address: str | None = None,
         "eval_loss_after": progress["eval_loss"],
         "trainable_parameters": _trainable(settings, sigmas),
         "steps": progress["steps"],
+        "epochs": progress["epoch"] + 1,
+        "starts": progress["starts"],
         "seconds_per_step": progress["train_seconds"] / max(1, progress["steps"]),
         "seconds": time.perf_counter() - started,
     }

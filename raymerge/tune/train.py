@@ -42,7 +42,7 @@ def train_loop(loop_config: dict) -> None:
     settings = TuneConfig.model_validate(loop_config["tune"])
     torch.manual_seed(settings.seed)
     model, swapped = build_spectral_model(settings)
-    progress = {"epoch": -1, "steps": 0, "train_seconds": 0.0}
+    progress = {"epoch": -1, "steps": 0, "train_seconds": 0.0, "starts": 0}
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a restarted worker or a rerun of the same run: continue
         with checkpoint.as_directory() as directory:
@@ -51,6 +51,7 @@ def train_loop(loop_config: dict) -> None:
         with torch.no_grad():
             for name, layer in swapped.items():
                 layer.sigma.copy_(sigmas[name][: layer.sigma.numel()])
+    progress["starts"] += 1  # > 1: this run continued from a checkpoint
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -80,7 +81,11 @@ def train_loop(loop_config: dict) -> None:
         progress["epoch"] = epoch
         progress["train_loss"] = sum(losses) / max(1, len(losses))
         progress["eval_loss"] = _evaluate(model, eval_shard, settings.batch_size, device)
-        _report(progress, swapped)
+        # Ray Train uploads a reported checkpoint to storage_path, except in local mode
+        # (num_workers: 0), where the reported directory itself is the checkpoint.
+        keep = None if settings.num_workers else (
+            Path(settings.storage_path) / loop_config["run_name"] / f"local-epoch-{epoch:04d}")
+        _report(progress, swapped, keep)
 
 
 def _evaluate(model, shard, batch_size: int, device) -> float:
@@ -99,7 +104,8 @@ def _evaluate(model, shard, batch_size: int, device) -> float:
     return float(total[0] / total[1]) if total[1] > 0 else float("nan")
 
 
-def _report(progress: dict, swapped: dict) -> None:
+def _report(progress: dict, swapped: dict, keep: Path | None) -> None:
+    """Metrics from every worker; the σ checkpoint from rank 0 only."""
     import ray.train
 
     metrics = {key: value for key, value in progress.items()}
@@ -107,10 +113,12 @@ def _report(progress: dict, swapped: dict) -> None:
     if ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics)
         return
-    with tempfile.TemporaryDirectory() as directory:
+    with tempfile.TemporaryDirectory() as scratch:
+        directory = keep or Path(scratch)
+        directory.mkdir(parents=True, exist_ok=True)
         save_file({name: layer.full_sigma.detach().cpu().contiguous()
-                   for name, layer in swapped.items()}, Path(directory) / SIGMA_FILE)
-        (Path(directory) / PROGRESS_FILE).write_text(json.dumps(progress))
+                   for name, layer in swapped.items()}, directory / SIGMA_FILE)
+        (directory / PROGRESS_FILE).write_text(json.dumps(progress))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 

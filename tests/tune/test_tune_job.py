@@ -75,5 +75,16 @@ def test_a_failed_worker_resumes_from_the_last_checkpoint(axis_merge, tmp_path):
     report = run_tune(settings, extra_loop_config={"fail_once_marker": str(marker),
                                                    "fail_at_epoch": 1})
     assert marker.exists(), "the injected failure happened"
+    assert report["starts"] == 2  # the restarted workers began from the epoch-0 checkpoint
     assert report["steps"] == 15  # epochs 0, 1, 2 once each: epoch 0 was not redone
     assert (tmp_path / "tuned" / "model.safetensors.index.json").exists()
+
+
+def test_a_rerun_with_the_same_name_continues(axis_merge, tmp_path):
+    first = run_tune(_settings(axis_merge, tmp_path, epochs=1, max_steps=4, num_workers=1,
+                               run_name="continued"))
+    assert (first["epochs"], first["starts"], first["steps"]) == (1, 1, 4)
+    again = run_tune(_settings(axis_merge, tmp_path, epochs=2, max_steps=4, num_workers=1,
+                               run_name="continued", output=str(tmp_path / "tuned-2")))
+    assert (again["epochs"], again["starts"], again["steps"]) == (2, 2, 8)
+    assert again["eval_loss_before"] == first["eval_loss_before"]
