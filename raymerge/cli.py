@@ -104,7 +104,8 @@ def _tune(args: argparse.Namespace) -> int:
     report = run_tune(load_tune_config(args.config), address=args.address)
     print(f"tuned {report['trainable_parameters']} singular values for {report['steps']} steps "
           f"({report['seconds_per_step']:.2f} s/step): held-out loss "
-          f"{report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f}; "
+          f"{report['eval_loss_before']:.4f} -> {report['eval_loss_after']:.4f} (perplexity "
+          f"{report['eval_perplexity_before']:.2f} -> {report['eval_perplexity_after']:.2f}); "
           f"folded checkpoint in {report['output']}")
     return 0
 

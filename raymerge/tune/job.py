@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -55,6 +56,8 @@ def run_tune(settings: TuneConfig, address: str | None = None,
         "run_name": run_name,
         "eval_loss_before": progress["eval_loss_before"],
         "eval_loss_after": progress["eval_loss"],
+        "eval_perplexity_before": math.exp(min(progress["eval_loss_before"], 50)),
+        "eval_perplexity_after": math.exp(min(progress["eval_loss"], 50)),
         "trainable_parameters": _trainable(settings, sigmas),
         "steps": progress["steps"],
         "epochs": progress["epoch"] + 1,
@@ -83,5 +86,7 @@ def _card(settings: TuneConfig, report: dict) -> str:
         f"lr {settings.optimizer.lr:g}).", "",
         "| held-out | before | after |", "| --- | --- | --- |",
         f"| loss | {report['eval_loss_before']:.4f} | {report['eval_loss_after']:.4f} |",
+        f"| perplexity | {report['eval_perplexity_before']:.2f} | "
+        f"{report['eval_perplexity_after']:.2f} |",
         "", "Reference: AXIS, arXiv 2508.19353 (stage 2).", "",
     ])

@@ -41,6 +41,8 @@ def train_loop(loop_config: dict) -> None:
 
     settings = TuneConfig.model_validate(loop_config["tune"])
     torch.manual_seed(settings.seed)
+    if not settings.use_gpu:  # use the CPUs this worker holds (Ray sets 1 thread by default)
+        torch.set_num_threads(max(1, round(settings.cpus_per_worker)))
     model, swapped = build_spectral_model(settings)
     progress = {"epoch": -1, "steps": 0, "train_seconds": 0.0, "starts": 0}
     checkpoint = ray.train.get_checkpoint()
