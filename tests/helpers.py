@@ -45,3 +45,15 @@ def assert_merged_close(actual: torch.Tensor, expected: torch.Tensor, name: str)
     else:
         torch.testing.assert_close(actual, expected64, rtol=1e-5, atol=1e-6,
                                    msg=lambda detail: f"{name}: {detail}")
+
+
+def axis_merge_of(family: dict, root: Path, sources: int, k: int) -> Path:
+    """`raymerge merge` of the family's first `sources` fine-tunes with AXIS into root/merged."""
+    from raymerge.cli import main
+
+    merged = root / "merged"
+    recipe = write_recipe(root / "axis-recipe.yaml", {
+        "base": str(family["base"]), "sources": [str(p) for p in family["sources"][:sources]],
+        "method": {"name": "axis", "k": k}, "output": {"path": str(merged)}})
+    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    return merged

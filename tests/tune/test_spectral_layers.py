@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from helpers import load_tensors, write_recipe
+from helpers import axis_merge_of, load_tensors
 
-from raymerge.cli import main
 from raymerge.tune.factors import load_factors
 from raymerge.tune.fold import write_folded_checkpoint
 from raymerge.tune.spectral_linear import SpectralLinear
@@ -35,12 +34,7 @@ def test_spectral_linear_equals_the_dense_layer_and_trains_only_sigma():
 def test_swap_and_fold_reproduce_the_axis_merge(ray_cluster, float32_family, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    merged_dir = tmp_path / "merged"
-    recipe = write_recipe(tmp_path / "recipe.yaml", {
-        "base": str(float32_family["base"]),
-        "sources": [str(p) for p in float32_family["sources"][:3]],
-        "method": {"name": "axis", "k": 6}, "output": {"path": str(merged_dir)}})
-    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    merged_dir = axis_merge_of(float32_family, tmp_path, sources=3, k=6)
     factors = load_factors(merged_dir)
     base = load_tensors(float32_family["base"])
     model = AutoModelForCausalLM.from_pretrained(merged_dir)

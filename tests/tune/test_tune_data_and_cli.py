@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from helpers import write_recipe
+from helpers import axis_merge_of, write_recipe
 
 from raymerge.cli import main
 from raymerge.tune.data import IGNORE, Packer
@@ -24,12 +24,7 @@ def test_packer_cuts_fixed_rows_and_masks_prompts(float32_family):
 
 def test_tune_command_with_parquet_prompt_response_in_local_mode(ray_cluster, float32_family,
                                                                  tmp_path, capsys):
-    merged = tmp_path / "merged"
-    recipe = write_recipe(tmp_path / "recipe.yaml", {
-        "base": str(float32_family["base"]),
-        "sources": [str(p) for p in float32_family["sources"][:2]],
-        "method": {"name": "axis", "k": 4}, "output": {"path": str(merged)}})
-    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    merged = axis_merge_of(float32_family, tmp_path, sources=2, k=4)
     prompts = [" ".join(f"w{i + j}" for j in range(6)) for i in range(60)]
     answers = [f"w{i + 6} w{i + 7}" for i in range(60)]
     pq.write_table(pa.table({"q": prompts, "a": answers}), tmp_path / "train.parquet")

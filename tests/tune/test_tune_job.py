@@ -8,9 +8,8 @@ import random
 
 import pytest
 import torch
-from helpers import load_tensors, write_recipe
+from helpers import axis_merge_of, load_tensors
 
-from raymerge.cli import main
 from raymerge.tune.config import TuneConfig
 from raymerge.tune.job import run_tune
 from raymerge.tune.train import build_spectral_model
@@ -19,12 +18,7 @@ from raymerge.tune.train import build_spectral_model
 @pytest.fixture(scope="module")
 def axis_merge(ray_cluster, float32_family, tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    merged = root / "merged"
-    recipe = write_recipe(root / "recipe.yaml", {
-        "base": str(float32_family["base"]),
-        "sources": [str(p) for p in float32_family["sources"][:3]],
-        "method": {"name": "axis", "k": 8}, "output": {"path": str(merged)}})
-    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    merged = axis_merge_of(float32_family, root, sources=3, k=8)
     generator = random.Random(0)
     lines = []
     for _ in range(600):  # counting sequences: a pattern σ alone can partly fit
