@@ -97,14 +97,16 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         with ray_session(address):
             started = time.perf_counter()  # merge time: the cluster's start-up is not counted
             writer = start_writer(directory, layout)
-            with MergeProgress(plan, enabled=show_progress) as progress:
-                def done(stats: dict) -> None:
-                    unit_stats.append(stats)
-                    progress.advance(stats)
+            try:
+                with MergeProgress(plan, enabled=show_progress) as progress:
+                    def done(stats: dict) -> None:
+                        unit_stats.append(stats)
+                        progress.advance(stats)
 
-                run_units(job, plan.largest_first(), writer, recipe.runtime, done)
-            ray.get(writer.close.remote())
-            ray.kill(writer)
+                    run_units(job, plan.largest_first(), writer, recipe.runtime, done)
+                ray.get(writer.close.remote())
+            finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
+                ray.kill(writer)
             seconds = time.perf_counter() - started
         summary = _summary(plan, unit_stats, seconds)
         _write_metadata(prepared, directory, layout, unit_stats, summary, hasher.result())

@@ -8,6 +8,7 @@ from pathlib import Path
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from raymerge.errors import OutputError
 from raymerge.output.factors import FACTORS_DIR, FactorWriter
 from raymerge.output.layout import ShardLayout
 from raymerge.output.shard_writer import ShardWriter
@@ -30,10 +31,23 @@ class ShardWriterActor:
         self.factors.close()
 
 
+def writer_name(directory: Path) -> str:
+    """Named after its staging directory: a second merge into the same output on the same
+    cluster fails at once instead of writing into the same files."""
+    return f"raymerge-writer:{directory}"
+
+
 def start_writer(directory: Path, layout: ShardLayout):
     """A writer actor on this (the driver's) node; it takes no CPU slot from the merge tasks."""
     here = ray.get_runtime_context().get_node_id()
     actor_class = ray.remote(num_cpus=0)(ShardWriterActor)
-    return actor_class.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-    ).remote(str(directory), layout)
+    try:
+        return actor_class.options(
+            name=writer_name(directory),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
+        ).remote(str(directory), layout)
+    except ValueError:
+        raise OutputError(
+            f"another merge is writing {directory.name.removesuffix('.raymerge-staging')[1:]} "
+            "on this cluster; wait for it or choose another output.path"
+        ) from None

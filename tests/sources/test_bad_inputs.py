@@ -163,3 +163,28 @@ def test_bad_recipe_points_at_the_key(tmp_path, capsys, recipe, message):
     assert main(["merge", str(path)]) == 2
     error = capsys.readouterr().err
     assert message in error and str(path) in error and len(error.strip().splitlines()) == 1
+
+
+def test_failed_merge_leaves_no_writer_actor_on_the_cluster(ray_cluster, tmp_path,
+                                                           float32_family, capsys):
+    import time
+
+    import ray
+
+    from raymerge.distributed.writer import writer_name
+    from raymerge.output.staging import Staging
+
+    def poison(tensors):
+        tensors[FIRST_MATRIX][0, 0] = float("inf")
+
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad", edit=poison)
+    _merge_fails(tmp_path, float32_family, bad, capsys)
+    name = writer_name(Staging(tmp_path / "merged").path)
+    deadline = time.monotonic() + 10
+    while True:  # ray.kill is asynchronous
+        try:
+            ray.get_actor(name)
+        except ValueError:
+            break
+        assert time.monotonic() < deadline, f"{name} still alive after a failed merge"
+        time.sleep(0.2)
