@@ -31,6 +31,9 @@ class ShardWriterActor:
         self.factors.close()
 
 
+WRITER_NAMESPACE = "raymerge"
+
+
 def writer_name(directory: Path) -> str:
     """Named after its staging directory: a second merge into the same output on the same
     cluster fails at once instead of writing into the same files."""
@@ -44,6 +47,7 @@ def start_writer(directory: Path, layout: ShardLayout):
     try:
         return actor_class.options(
             name=writer_name(directory),
+            namespace=WRITER_NAMESPACE,  # shared by every driver, unlike a job's own namespace
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
         ).remote(str(directory), layout)
     except ValueError:

@@ -171,7 +171,7 @@ def test_failed_merge_leaves_no_writer_actor_on_the_cluster(ray_cluster, tmp_pat
 
     import ray
 
-    from raymerge.distributed.writer import writer_name
+    from raymerge.distributed.writer import WRITER_NAMESPACE, writer_name
     from raymerge.output.staging import Staging
 
     def poison(tensors):
@@ -183,7 +183,7 @@ def test_failed_merge_leaves_no_writer_actor_on_the_cluster(ray_cluster, tmp_pat
     deadline = time.monotonic() + 10
     while True:  # ray.kill is asynchronous
         try:
-            ray.get_actor(name)
+            ray.get_actor(name, namespace=WRITER_NAMESPACE)
         except ValueError:
             break
         assert time.monotonic() < deadline, f"{name} still alive after a failed merge"
