@@ -70,11 +70,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
 def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
               ) -> MergeResult:
     """Merge into a staging directory and publish it; on any failure nothing is published."""
-    import ray
-
     from raymerge.distributed.cluster import ray_session
-    from raymerge.distributed.runner import run_units
-    from raymerge.distributed.writer import start_writer
+    from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
     layout = layout_shards(plan.tensors, recipe.output.shard_size)
@@ -90,34 +87,47 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         num_threads=max(1, int(recipe.runtime.num_cpus)),
     )
     staging = Staging(prepared.target)
-    hasher = SourceHasher([prepared.base, *prepared.sources])
-    unit_stats: list[dict] = []
-    try:
-        directory = staging.create()
-        with ray_session(address):
-            started = time.perf_counter()  # merge time: the cluster's start-up is not counted
-            writer = start_writer(directory, layout)
-            try:
-                with MergeProgress(plan, enabled=show_progress) as progress:
-                    def done(stats: dict) -> None:
-                        unit_stats.append(stats)
-                        progress.advance(stats)
-
-                    run_units(job, plan.largest_first(), writer, recipe.runtime, done)
-                ray.get(writer.close.remote())
-            finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
-                ray.kill(writer)
-            seconds = time.perf_counter() - started
-        summary = _summary(plan, unit_stats, seconds)
-        _write_metadata(prepared, directory, layout, unit_stats, summary, hasher.result())
-        staging.publish()
-    except BaseException:
-        hasher.cancel()
-        staging.discard()
-        raise
+    with ray_session(address):
+        refuse_concurrent_writer(staging.path)  # before touching another merge's directory
+        hasher = SourceHasher([prepared.base, *prepared.sources])
+        try:
+            directory = staging.create()
+            unit_stats, seconds = _merge_units(job, plan, layout, directory, recipe.runtime,
+                                               show_progress)
+            summary = _summary(plan, unit_stats, seconds)
+            _write_metadata(prepared, directory, layout, unit_stats, summary, hasher.result())
+            staging.publish()
+        except BaseException:
+            hasher.cancel()
+            staging.discard()
+            raise
     if recipe.output.push_to_hub:
         summary["hub_commit"] = push_to_hub(prepared.target, recipe.output.push_to_hub)
     return MergeResult(output=prepared.target, plan=plan, summary=summary)
+
+
+def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, runtime,
+                 show_progress: bool) -> tuple[list[dict], float]:
+    """Every unit through the Ray tasks into the writer actor; (unit statistics, seconds)."""
+    import ray
+
+    from raymerge.distributed.runner import run_units
+    from raymerge.distributed.writer import start_writer
+
+    started = time.perf_counter()  # merge time: the cluster's start-up is not counted
+    unit_stats: list[dict] = []
+    writer = start_writer(directory, layout)
+    try:
+        with MergeProgress(plan, enabled=show_progress) as progress:
+            def done(stats: dict) -> None:
+                unit_stats.append(stats)
+                progress.advance(stats)
+
+            run_units(job, plan.largest_first(), writer, runtime, done)
+        ray.get(writer.close.remote())
+    finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
+        ray.kill(writer)
+    return unit_stats, time.perf_counter() - started
 
 
 def _options(recipe: Recipe) -> MergeOptions:

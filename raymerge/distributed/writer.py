@@ -40,6 +40,21 @@ def writer_name(directory: Path) -> str:
     return f"raymerge-writer:{directory}"
 
 
+def refuse_concurrent_writer(directory: Path) -> None:
+    """OutputError if a merge on this cluster is writing into this staging directory now."""
+    try:
+        ray.get_actor(writer_name(directory), namespace=WRITER_NAMESPACE)
+    except ValueError:
+        return
+    raise OutputError(_busy(directory))
+
+
+def _busy(directory: Path) -> str:
+    target = directory.name.removesuffix(".raymerge-staging")[1:]
+    return (f"another merge is writing {target} on this cluster; wait for it or choose another "
+            "output.path")
+
+
 def start_writer(directory: Path, layout: ShardLayout):
     """A writer actor on this (the driver's) node; it takes no CPU slot from the merge tasks."""
     here = ray.get_runtime_context().get_node_id()
@@ -51,7 +66,4 @@ def start_writer(directory: Path, layout: ShardLayout):
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
         ).remote(str(directory), layout)
     except ValueError:
-        raise OutputError(
-            f"another merge is writing {directory.name.removesuffix('.raymerge-staging')[1:]} "
-            "on this cluster; wait for it or choose another output.path"
-        ) from None
+        raise OutputError(_busy(directory)) from None

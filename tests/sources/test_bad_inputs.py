@@ -188,3 +188,32 @@ def test_failed_merge_leaves_no_writer_actor_on_the_cluster(ray_cluster, tmp_pat
             break
         assert time.monotonic() < deadline, f"{name} still alive after a failed merge"
         time.sleep(0.2)
+
+
+def test_a_second_merge_into_an_output_being_written_is_refused(ray_cluster, tmp_path,
+                                                               float32_family, capsys):
+    import ray
+
+    from raymerge.distributed.writer import WRITER_NAMESPACE, writer_name
+    from raymerge.output.staging import Staging
+
+    staging = Staging(tmp_path / "merged").path
+    staging.mkdir()
+    (staging / "partial.safetensors").write_bytes(b"the first merge's bytes")
+
+    @ray.remote(num_cpus=0)
+    class Busy:  # stands for the first merge's writer actor
+        def ping(self) -> bool:
+            return True
+
+    busy = Busy.options(name=writer_name(staging), namespace=WRITER_NAMESPACE).remote()
+    ray.get(busy.ping.remote())
+    try:
+        recipe = write_recipe(tmp_path / "recipe.yaml", {
+            "base": str(float32_family["base"]), "sources": [str(float32_family["sources"][0])],
+            "output": {"path": str(tmp_path / "merged")}})
+        assert main(["merge", str(recipe), "--no-progress"]) == 2
+        assert "another merge is writing merged on this cluster" in capsys.readouterr().err
+        assert (staging / "partial.safetensors").read_bytes() == b"the first merge's bytes"
+    finally:
+        ray.kill(busy)
