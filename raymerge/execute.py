@@ -6,7 +6,7 @@ directly."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,6 @@ class MergeJob:
     compute_dtype: str = "float32"
     device: str = "cpu"
     num_threads: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:

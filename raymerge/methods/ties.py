@@ -39,13 +39,6 @@ def magnitude_threshold(values: Tensor, density: float, scratch: Tensor | None =
     return torch.kthvalue(magnitudes, position + 1).values
 
 
-def trim_mask(values: Tensor, density: float) -> Tensor:
-    """Boolean mask of the entries TIES keeps for one source."""
-    if density >= 1.0:
-        return torch.ones_like(values, dtype=torch.bool)
-    return values.abs() >= magnitude_threshold(values, density).to(values.device)
-
-
 def chunks(*tensors: Tensor):
     """Matching flat pieces of same-shaped tensors, CHUNK elements at a time."""
     flat = [tensor.view(-1) for tensor in tensors]

@@ -8,7 +8,7 @@ from reference import dare, task_arithmetic, ties
 
 from raymerge.methods import METHODS
 from raymerge.methods.dare import dare_generator, dare_keep_mask
-from raymerge.methods.ties import trim_mask
+from raymerge.methods.ties import magnitude_threshold
 from raymerge.recipe import MethodSpec
 
 
@@ -50,7 +50,8 @@ def test_ties_one_pass_equals_dense_ties(n, density, shape):
 
 def test_ties_keeps_the_density_fraction_and_zero_where_signs_cancel():
     values = torch.tensor([0.5, -3.0, 2.0, 0.1, -0.2, 1.0, 0.05, -0.7, 4.0, 0.3])
-    assert trim_mask(values, 0.3).tolist() == [False, True, True] + [False] * 5 + [True, False]
+    kept = values.abs() >= magnitude_threshold(values, 0.3)  # k = 3 of 10
+    assert kept.tolist() == [False, True, True] + [False] * 5 + [True, False]
     opposed = torch.stack([torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 1.0])])
     merged = _stream("ties", torch.zeros(2), opposed, [1.0, 1.0], density=1.0)
     assert merged.tolist() == [0.0, 1.5]  # elected sign 0 -> 0; agreeing mean of 2 and 1
