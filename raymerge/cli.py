@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -18,6 +19,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"raymerge: error: {error}", file=sys.stderr)
+        if getattr(args, "json", False):
+            print(json.dumps({"status": "error", "error": str(error)}), flush=True)
         return 2
     except KeyboardInterrupt:
         print("raymerge: interrupted; nothing was published", file=sys.stderr)
@@ -37,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--allow-pickle", action="store_true",
                        help="accept pytorch_model.bin sources (loaded with weights_only=True)")
     merge.add_argument("--no-progress", action="store_true", help="no progress bar")
+    merge.add_argument("--json", action="store_true",
+                       help="end with one JSON line for schedulers (output, sources, time, bytes)")
     merge.set_defaults(run=_merge)
 
     plan = commands.add_parser("plan", help="print the work units, bytes and memory of a recipe")
@@ -94,6 +99,8 @@ def _merge(args: argparse.Namespace) -> int:
         return 0
     result = run_merge(prepared, address=args.address, show_progress=not args.no_progress)
     print(format_summary(result.summary, str(result.output)))
+    if args.json:
+        print(json.dumps(result_record(prepared, result)), flush=True)
     return 0
 
 
@@ -121,6 +128,19 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def result_record(prepared, result) -> dict:
+    """What a scheduler needs to know about a finished merge, as one JSON object."""
+    return {
+        "status": "ok",
+        "output": str(result.output),
+        "base": {"source": prepared.base.label, "revision": prepared.base.revision},
+        "sources": [{"source": s.label, "revision": s.revision} for s in prepared.sources],
+        "seconds": round(result.summary["seconds"], 3),
+        "read_bytes": result.summary["read_bytes"],
+        "output_bytes": result.summary["output_bytes"],
+    }
+
+
 def _demo(args: argparse.Namespace) -> int:
     import yaml
 
@@ -143,7 +163,8 @@ def _demo(args: argparse.Namespace) -> int:
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     print(f"recipe: {recipe_path}")
     return _merge(argparse.Namespace(recipe=str(recipe_path), out=None, dry_run=False,
-                                     address=args.address, allow_pickle=False, no_progress=False))
+                                     address=args.address, allow_pickle=False, no_progress=False,
+                                     json=False))
 
 
 if __name__ == "__main__":
