@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -128,7 +128,7 @@ def load_recipe(path: str | Path) -> Recipe:
     except FileNotFoundError:
         raise RecipeError(f"recipe {path} not found: check the path") from None
     except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {path} is not valid YAML: {_one_line(error)}") from None
+        raise RecipeError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping with 'base', 'sources' and 'method'")
     if "merge_method" in data:
@@ -139,8 +139,16 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    return validate_config(Recipe, data, origin)
+
+
+ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
+
+
+def validate_config(model: type[ConfigModel], data: Any, origin: str) -> ConfigModel:
+    """model.model_validate, failing with one line that names every offending key."""
     try:
-        return Recipe.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in item['loc']) or '(top level)'}: {item['msg']}"
@@ -149,5 +157,5 @@ def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
         raise RecipeError(f"{origin}: {problems}") from None
 
 
-def _one_line(error: Exception) -> str:
+def one_line(error: Exception) -> str:
     return " ".join(str(error).split())

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ..errors import RecipeError
+from ..recipe import one_line, validate_config
 
 
 class _Strict(BaseModel):
@@ -61,12 +62,8 @@ def load_tune_config(path: str | Path) -> TuneConfig:
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-        return TuneConfig.model_validate(data)
     except FileNotFoundError:
         raise RecipeError(f"tune config {path} not found: check the path") from None
     except yaml.YAMLError as error:
-        raise RecipeError(f"tune config {path} is not valid YAML: {error}") from None
-    except ValidationError as error:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(top level)'}: {e['msg']}"
-                             for e in error.errors())
-        raise RecipeError(f"{path}: {problems}") from None
+        raise RecipeError(f"tune config {path} is not valid YAML: {one_line(error)}") from None
+    return validate_config(TuneConfig, data, str(path))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..output.files import TOKENIZER_FILES
+from ..output.files import copy_tokenizer
 from ..output.layout import layout_shards
 from ..output.shard_writer import ShardWriter
 from ..output.staging import MANIFEST_NAME, Staging, check_output_path
@@ -36,9 +36,9 @@ def write_folded_checkpoint(merged: Path, target: Path, folded: dict[str, Tensor
                 else read_tensor(info)
             writer.write({name: to_numpy_bits(tensor)})
         writer.close()
-        for extra in ("config.json", *TOKENIZER_FILES):
-            if (merged / extra).exists():
-                shutil.copy2(merged / extra, directory / extra)
+        if (merged / "config.json").exists():
+            shutil.copy2(merged / "config.json", directory / "config.json")
+        copy_tokenizer(merged, directory)
         (directory / "README.md").write_text(card)
         (directory / MANIFEST_NAME).write_text(json.dumps(
             {"format": "raymerge-tune/1", "merged_from": str(merged), **report}, indent=2) + "\n")
