@@ -6,7 +6,7 @@ directly."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from raymerge.errors import SourceError
+from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, build_method
 from raymerge.plan import WorkUnit
@@ -39,6 +40,7 @@ class MergeJob:
     compute_dtype: str = "float32"
     device: str = "cpu"
     num_threads: int | None = None
+    factor_cache: FactorCacheSpec | None = None  # per-source spectral factors across merges
 
 
 def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -52,7 +54,9 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
     factors: dict[str, dict[str, np.ndarray]] = {}
     tensor_stats: dict[str, dict[str, Any]] = {}
     with PeakMemory() as memory, torch.inference_mode():
-        method = build_method(job.method, job.weights, job.options, job.svc_alpha)
+        cache = FactorCache(job.factor_cache) if job.factor_cache else None
+        options = replace(job.options, factor_cache=cache)
+        method = build_method(job.method, job.weights, options, job.svc_alpha)
         for tensor in unit.tensors:
             merged, tensor_stats[tensor.name] = _merge_tensor(job, method, tensor.name,
                                                                TORCH_DTYPES[tensor.output_dtype])
@@ -68,6 +72,8 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         "seconds": time.perf_counter() - started,
         "peak_bytes": memory.peak_bytes,
         "tensors": tensor_stats,
+        "factor_cache_hits": cache.hits if cache else 0,
+        "factor_cache_misses": cache.misses if cache else 0,
     }
     return stats, {"unit": unit.index, "tensors": outputs, "factors": factors}
 
@@ -78,10 +84,13 @@ def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
     _read_into(base, job.base, name)
     delta = torch.empty_like(base)  # one buffer for every source: no allocation per source
     method.begin(name, base)  # sets the number of passes this tensor needs
+    cached_update = getattr(method, "cached_update", None)
     for pass_index in range(method.passes):
         for source_index, source in enumerate(job.sources):
             if isinstance(source, LoraAdapter):
                 _update_from_lora(method, pass_index, source_index, source, name, delta)
+            elif cached_update is not None and cached_update(pass_index, source_index):
+                continue  # this source's factors came from the cache: nothing to read
             else:
                 _read_into(delta, source, name, minus=base)
                 method.update(pass_index, source_index, delta)

@@ -8,15 +8,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymerge.dtypes import RECIPE_TO_CODE
-from raymerge.errors import RecipeError
+from raymerge.errors import RaymergeError, RecipeError
 from raymerge.execute import MergeJob
+from raymerge.factor_cache import FactorCacheSpec
+from raymerge.identity import checkpoint_identity, resume_key, submission_id
 from raymerge.methods import METHODS, MergeOptions
 from raymerge.output.card import model_card
 from raymerge.output.files import copy_tokenizer, write_config
-from raymerge.output.hub import push_to_hub
+from raymerge.output.hub import commit_message, push_to_hub
 from raymerge.output.layout import layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
-from raymerge.output.staging import MANIFEST_NAME, Staging, check_output_path
+from raymerge.output.staging import (
+    MANIFEST_NAME,
+    Staging,
+    check_free_space,
+    check_output_path,
+)
 from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
 from raymerge.plan import Plan, make_plan
 from raymerge.progress import MergeProgress
@@ -33,6 +40,7 @@ class Prepared:
     base: Checkpoint
     sources: list[Checkpoint]
     plan: Plan
+    identities: dict[str, str] | None = None  # label -> identity, once computed
 
 
 @dataclass
@@ -69,13 +77,49 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
 
 def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
               ) -> MergeResult:
-    """Merge into a staging directory and publish it; on any failure nothing is published."""
+    """Merge into a staging directory and publish it; on any failure nothing is published.
+
+    An interrupted merge (driver killed, cluster lost) leaves its staging directory and progress
+    log behind: the same command resumes it, skipping finished units, to identical bytes. A
+    merge that fails on bad input removes its staging directory."""
     from raymerge.distributed.cluster import ray_session
     from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
     layout = layout_shards(plan.tensors, recipe.output.shard_size)
-    job = MergeJob(
+    key = resume_key(recipe, [prepared.base, *prepared.sources], layout.fingerprint())
+    job = _job(prepared)
+    staging = Staging(prepared.target)
+    with ray_session(address):
+        refuse_concurrent_writer(staging.path)  # before touching another merge's directory
+        hasher = SourceHasher([prepared.base, *prepared.sources])
+        try:
+            directory = staging.open(key)
+            check_free_space(directory, layout)
+            unit_stats, seconds, resumed = _merge_units(job, plan, layout, directory, key,
+                                                        recipe.runtime, show_progress)
+            summary = _summary(plan, unit_stats, seconds) | {"resumed_units": resumed}
+            hashes = hasher.result()
+            summary["submission_id"] = submission_id(recipe, _identities(prepared))
+            _write_metadata(prepared, directory, layout, unit_stats, summary, hashes)
+            staging.publish()
+        except RaymergeError:  # bad input or output: nothing to resume
+            hasher.cancel()
+            staging.discard()
+            raise
+        except BaseException:
+            hasher.cancel()
+            raise
+    if recipe.output.push_to_hub:
+        summary["hub_commit"] = push_to_hub(prepared.target, recipe.output.push_to_hub,
+                                            commit_message(prepared, summary),
+                                            private=recipe.output.private)
+    return MergeResult(output=prepared.target, plan=plan, summary=summary)
+
+
+def _job(prepared: Prepared) -> MergeJob:
+    recipe = prepared.recipe
+    return MergeJob(
         base=prepared.base,
         sources=prepared.sources,
         weights=[source.weight for source in recipe.sources],
@@ -85,49 +129,59 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         compute_dtype=recipe.runtime.compute_dtype,
         device=_device(recipe),
         num_threads=max(1, int(recipe.runtime.num_cpus)),
+        factor_cache=_factor_cache(prepared),
     )
-    staging = Staging(prepared.target)
-    with ray_session(address):
-        refuse_concurrent_writer(staging.path)  # before touching another merge's directory
-        hasher = SourceHasher([prepared.base, *prepared.sources])
-        try:
-            directory = staging.create()
-            unit_stats, seconds = _merge_units(job, plan, layout, directory, recipe.runtime,
-                                               show_progress)
-            summary = _summary(plan, unit_stats, seconds)
-            _write_metadata(prepared, directory, layout, unit_stats, summary, hasher.result())
-            staging.publish()
-        except BaseException:
-            hasher.cancel()
-            staging.discard()
-            raise
-    if recipe.output.push_to_hub:
-        summary["hub_commit"] = push_to_hub(prepared.target, recipe.output.push_to_hub)
-    return MergeResult(output=prepared.target, plan=plan, summary=summary)
 
 
-def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, runtime,
-                 show_progress: bool) -> tuple[list[dict], float]:
-    """Every unit through the Ray tasks into the writer actor; (unit statistics, seconds)."""
+def _identities(prepared: Prepared) -> dict[str, str]:
+    """Source label -> immutable identity (memoised hashes: cheap after SourceHasher ran)."""
+    if prepared.identities is None:
+        prepared.identities = {c.label: checkpoint_identity(c)
+                               for c in [prepared.base, *prepared.sources]}
+    return prepared.identities
+
+
+def _factor_cache(prepared: Prepared) -> FactorCacheSpec | None:
+    """Where per-source spectral factors are cached, with the keys' source identities."""
+    root = prepared.recipe.runtime.factor_cache
+    if root is None:
+        return None
+    identities = _identities(prepared)
+    return FactorCacheSpec(
+        root=str(Path(root).expanduser().resolve()),
+        base=identities[prepared.base.label],
+        sources=tuple(identities[source.label] for source in prepared.sources),
+    )
+
+
+def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, key: str, runtime,
+                 show_progress: bool) -> tuple[list[dict], float, int]:
+    """Every unfinished unit through the Ray tasks into the writer actor; (unit statistics,
+    seconds, units resumed from the progress log)."""
     import ray
 
     from raymerge.distributed.runner import run_units
     from raymerge.distributed.writer import start_writer
 
     started = time.perf_counter()  # merge time: the cluster's start-up is not counted
-    unit_stats: list[dict] = []
-    writer = start_writer(directory, layout)
+    writer = start_writer(directory, layout, key)
     try:
+        finished = ray.get(writer.finished.remote())
+        unit_stats: list[dict] = list(finished.values())
         with MergeProgress(plan, enabled=show_progress) as progress:
+            for stats in unit_stats:
+                progress.advance(stats)
+
             def done(stats: dict) -> None:
                 unit_stats.append(stats)
                 progress.advance(stats)
 
-            run_units(job, plan.largest_first(), writer, runtime, done)
+            todo = [unit for unit in plan.largest_first() if unit.index not in finished]
+            run_units(job, todo, writer, runtime, done)
         ray.get(writer.close.remote())
     finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
         ray.kill(writer)
-    return unit_stats, time.perf_counter() - started
+    return unit_stats, time.perf_counter() - started, len(finished)
 
 
 def _options(recipe: Recipe) -> MergeOptions:
@@ -154,6 +208,8 @@ def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
         "peak_task_bytes_estimated": plan.peak_bytes,
         "task_seconds_total": sum(stats["seconds"] for stats in unit_stats),
         "nodes": len({stats["node"] for stats in unit_stats}),
+        "factor_cache_hits": sum(stats.get("factor_cache_hits", 0) for stats in unit_stats),
+        "factor_cache_misses": sum(stats.get("factor_cache_misses", 0) for stats in unit_stats),
     }
 
 
@@ -171,10 +227,12 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     write_stats_table(directory / STATS_NAME, tensor_stats)
     manifest = {
         "format": "raymerge-manifest/1",
+        "submission_id": summary["submission_id"],
         "created_unix": int(time.time()),
         "versions": library_versions(),
         "method": recipe.method.model_dump(mode="json"),
         "base": describe_checkpoint(base, hashes),
+        "identities": _identities(prepared),
         "sources": [
             describe_checkpoint(source, hashes, weight=spec.weight)
             for source, spec in zip(prepared.sources, recipe.sources)

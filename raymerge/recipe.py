@@ -70,6 +70,7 @@ class OutputSpec(_Strict):
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int = parse_size("2GB")
     push_to_hub: str | None = None
+    private: bool = True  # a Hub repository created by push_to_hub
 
     @field_validator("shard_size", mode="before")
     @classmethod
@@ -85,6 +86,8 @@ class RuntimeSpec(_Strict):
     num_gpus: float = Field(0, ge=0)
     memory: int | None = None
     max_in_flight: int = Field(4, ge=1)
+    # a directory (shared by every node) caching per-source spectral factors across merges
+    factor_cache: str | None = None
 
     @field_validator("memory", mode="before")
     @classmethod

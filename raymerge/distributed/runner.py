@@ -48,7 +48,8 @@ def run_units(
             [ready], _ = ray.wait([*merging, *writing], num_returns=1)
             if ready in merging:
                 tensors_ref = merging.pop(ready)
-                writing[writer.write.remote(tensors_ref)] = ray.get(ready)
+                stats = ray.get(ready)
+                writing[writer.write.remote(tensors_ref, stats)] = stats
             else:
                 ray.get(ready)
                 on_unit_done(writing.pop(ready))

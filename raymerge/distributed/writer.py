@@ -1,29 +1,60 @@
 """The writer actor: one per merge, pinned to the driver's node so the output path need not be
-shared storage. Tasks on any node reach it through the object store."""
+shared storage. Tasks on any node reach it through the object store.
+
+It survives its own death: Ray restarts it (max_restarts) and retries the calls in flight
+(max_task_retries); a restarted writer reopens the shards and its progress log, and rewriting a
+unit is harmless because every tensor has a fixed offset."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raymerge.errors import OutputError
-from raymerge.output.factors import FACTORS_DIR, FactorWriter
+from raymerge.output.factors import FACTORS_DIR, FactorWriter, unit_file_name
 from raymerge.output.layout import ShardLayout
+from raymerge.output.progress_log import ProgressLog
 from raymerge.output.shard_writer import ShardWriter
+
+WRITER_RESTARTS = 3
 
 
 class ShardWriterActor:
-    def __init__(self, directory: str, layout: ShardLayout) -> None:
-        self.writer = ShardWriter(Path(directory), layout)
-        self.factors = FactorWriter(Path(directory) / FACTORS_DIR)
+    def __init__(self, directory: str, layout: ShardLayout, key: str) -> None:
+        self.key = key
+        self.log = ProgressLog(Path(directory), key)
+        self.done = self.log.finished()
+        factors_dir = Path(directory) / FACTORS_DIR
+        if self.done is None:  # a fresh merge
+            self.done = {}
+            self.writer = ShardWriter(Path(directory), layout)
+            self.factors = FactorWriter(factors_dir)
+            self.log.start()
+        else:  # resumed: after a driver's rerun, or a restart of this actor
+            written = {name for record in self.done.values() for name in record["stats"]["tensors"]}
+            factor_files = {name: unit_file_name(unit) for unit, record in self.done.items()
+                            for name in record["factors"]}
+            self.writer = ShardWriter(Path(directory), layout, written=written)
+            self.factors = FactorWriter(factors_dir, factor_files)
 
-    def write(self, payload: dict) -> int:
-        """A unit's payload from merge_unit: merged tensors and, maybe, spectral factors."""
+    def finished(self) -> dict[int, dict]:
+        """Statistics of the units already on disk (resumed), by unit index."""
+        return {unit: record["stats"] for unit, record in self.done.items()}
+
+    def merge_key(self) -> str:
+        return self.key
+
+    def write(self, payload: dict, stats: dict) -> int:
+        """A unit's payload from merge_unit: merged tensors and, maybe, spectral factors; logged
+        as finished once its bytes are on disk."""
         written = self.writer.write(payload["tensors"])
         if payload["factors"]:
             self.factors.write(payload["unit"], payload["factors"])
+        self.log.record(payload["unit"], stats, sorted(payload["factors"]))
+        self.done[payload["unit"]] = {"stats": stats, "factors": sorted(payload["factors"])}
         return written
 
     def close(self) -> None:
@@ -36,34 +67,48 @@ WRITER_NAMESPACE = "raymerge"
 
 def writer_name(directory: Path) -> str:
     """Named after its staging directory: a second merge into the same output on the same
-    cluster fails at once instead of writing into the same files."""
+    cluster is refused at once instead of writing into the same files."""
     return f"raymerge-writer:{directory}"
+
+
+def running_merge_key(directory: Path, grace_s: float = 5.0) -> str | None:
+    """The resume key of the merge writing into this staging directory on this cluster now, or
+    None. A writer whose driver was just killed takes a moment to go: wait up to `grace_s`."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            actor = ray.get_actor(writer_name(directory), namespace=WRITER_NAMESPACE)
+            return ray.get(actor.merge_key.remote(), timeout=grace_s)
+        except ValueError:  # no such actor
+            return None
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            if time.monotonic() > deadline:  # still there but not answering: treat as busy
+                return "unknown"
+            time.sleep(0.2)
 
 
 def refuse_concurrent_writer(directory: Path) -> None:
     """OutputError if a merge on this cluster is writing into this staging directory now."""
-    try:
-        ray.get_actor(writer_name(directory), namespace=WRITER_NAMESPACE)
-    except ValueError:
-        return
-    raise OutputError(_busy(directory))
+    if running_merge_key(directory) is not None:
+        raise OutputError(busy_message(directory))
 
 
-def _busy(directory: Path) -> str:
+def busy_message(directory: Path) -> str:
     target = directory.name.removesuffix(".raymerge-staging")[1:]
     return (f"another merge is writing {target} on this cluster; wait for it or choose another "
             "output.path")
 
 
-def start_writer(directory: Path, layout: ShardLayout):
+def start_writer(directory: Path, layout: ShardLayout, key: str):
     """A writer actor on this (the driver's) node; it takes no CPU slot from the merge tasks."""
     here = ray.get_runtime_context().get_node_id()
-    actor_class = ray.remote(num_cpus=0)(ShardWriterActor)
+    actor_class = ray.remote(num_cpus=0, max_restarts=WRITER_RESTARTS,
+                             max_task_retries=WRITER_RESTARTS)(ShardWriterActor)
     try:
         return actor_class.options(
             name=writer_name(directory),
             namespace=WRITER_NAMESPACE,  # shared by every driver, unlike a job's own namespace
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=here, soft=False),
-        ).remote(str(directory), layout)
+        ).remote(str(directory), layout, key)
     except ValueError:
-        raise OutputError(_busy(directory)) from None
+        raise OutputError(busy_message(directory)) from None

@@ -12,7 +12,12 @@ import torch
 from torch import Tensor
 
 from ..errors import RecipeError
-from ..spectral.svd import factored_svd, leading_triplets, truncated_svd
+from ..spectral.svd import (
+    factored_svd,
+    leading_triplets,
+    truncated_svd,
+    truncated_svd_settings,
+)
 from .spectral import SpectralMethod
 
 
@@ -46,6 +51,7 @@ class Axis(SpectralMethod):
 
     def begin_matrix(self, base: Tensor) -> None:
         self.keep = components_to_keep(self.settings.k, min(base.shape))
+        self.shape = tuple(base.shape)
         rows, cols = base.shape
         self.pool_U = base.new_zeros(rows, 0)
         self.pool_S = base.new_zeros(0)
@@ -54,9 +60,20 @@ class Axis(SpectralMethod):
         self.total_energy = 0.0
 
     def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
-        self.total_energy += float(weighted.square().sum())
+        energy = weighted.square().sum().double()
         U, S, V = truncated_svd(weighted, self.keep, self.options.svd, self.svd_seed(source_index))
+        self.remember_source_factors({"U": U, "S": S, "V": V, "energy": energy})
+        self.total_energy += float(energy)
         self._add_to_pool(source_index, U, S, V)
+
+    def cache_settings(self, pass_index: int, source_index: int) -> dict:
+        return truncated_svd_settings(self.options.svd, self.keep, self.shape,
+                                      self.svd_seed(source_index), self.like.dtype,
+                                      self.like.device)
+
+    def use_source_factors(self, source_index: int, factors: dict[str, Tensor]) -> None:
+        self.total_energy += float(factors["energy"])
+        self._add_to_pool(source_index, factors["U"], factors["S"], factors["V"])
 
     def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
                                right: Tensor) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ class MergeOptions:
 
     exclude: tuple[str, ...] = tuple(DEFAULT_EXCLUDE)  # kept out of every spectral step
     svd: str = "auto"  # auto | exact | randomized
+    factor_cache: Any = None  # a FactorCache: per-source spectral factors kept across merges
 
     def is_spectral_matrix(self, name: str, shape: tuple[int, ...] | torch.Size) -> bool:
         return len(shape) == 2 and not is_excluded(name, list(self.exclude))

@@ -39,6 +39,12 @@ class Calibrated:
         self._start_calibration()
         self.calibration.add(delta)
 
+    def cached_update(self, pass_index: int, source_index: int) -> bool:
+        """The inner method's passes may take a source from the factor cache; SVC's may not."""
+        inner = getattr(self.inner, "cached_update", None)
+        return pass_index < self.inner.passes and inner is not None and inner(pass_index,
+                                                                                source_index)
+
     def _start_calibration(self) -> None:
         if self.calibration is None:
             merged = self.inner.finish().mul_(self.scale)

@@ -30,6 +30,8 @@ class SpectralMethod:
 
     def begin(self, name: str, base: Tensor) -> None:
         self.name = name
+        self.like = base.new_empty(0)  # dtype and device of the result, without its size
+        self._cache_key: str | None = None
         self.report = TensorReport()
         self.is_matrix = self.options.is_spectral_matrix(name, base.shape)
         if self.is_matrix:
@@ -62,6 +64,39 @@ class SpectralMethod:
             merged, self.weighted_sum = self.weighted_sum, None
             return merged.div_(self.num_sources)
         return self.finish_matrix()
+
+    def cached_update(self, pass_index: int, source_index: int) -> bool:
+        """Take this source's factors from the factor cache when they are there; True: the
+        engine need not read the source for this pass. On a miss, the factors the method then
+        computes are stored (remember_source_factors)."""
+        self._cache_key = None
+        cache = self.options.factor_cache
+        settings = (self.cache_settings(pass_index, source_index)
+                    if cache is not None and self.is_matrix else None)
+        if settings is None:
+            return False
+        key = cache.key(source_index, self.name,
+                        {**settings, "weight": self.weights[source_index]})
+        factors = cache.get(key, self.like.device)
+        if factors is None:
+            self._cache_key = key
+            return False
+        self.use_source_factors(source_index, factors)
+        return True
+
+    def remember_source_factors(self, factors: dict[str, Tensor]) -> None:
+        if self._cache_key is not None:
+            self.options.factor_cache.put(self._cache_key, factors)
+            self._cache_key = None
+
+    # subclasses whose per-source work depends on that source alone may cache it
+    def cache_settings(self, pass_index: int, source_index: int) -> dict | None:
+        """What the source's factors depend on besides base, source, tensor and weight; None:
+        not cacheable."""
+        return None
+
+    def use_source_factors(self, source_index: int, factors: dict[str, Tensor]) -> None:
+        raise NotImplementedError
 
     # subclasses: the spectral steps of one matrix, fed weighted deltas w_i·Δ_i
     def begin_matrix(self, base: Tensor) -> None:

@@ -15,6 +15,7 @@ from ..spectral.svd import (
     leading_triplets,
     polar,
     truncated_svd,
+    truncated_svd_settings,
     without_null_components,
 )
 from .spectral import SpectralMethod
@@ -34,8 +35,7 @@ class Tsv(SpectralMethod):
                 )
 
     def begin_matrix(self, base: Tensor) -> None:
-        self.like = base.new_empty(0)  # dtype and device of the result, without its size
-        self.shape = base.shape
+        self.shape = tuple(base.shape)
         self.per_source = min(base.shape) // self.num_sources
         if self.per_source == 0:
             self.check(self.settings, {self.name: tuple(base.shape)}, self.num_sources,
@@ -45,9 +45,21 @@ class Tsv(SpectralMethod):
         self.stack_V: list[Tensor] = []
 
     def update_matrix(self, pass_index: int, source_index: int, weighted: Tensor) -> None:
-        U, S, V = without_null_components(*truncated_svd(
-            weighted, self.per_source, self.options.svd, self.svd_seed(source_index)))
-        self._place(source_index, U, S, V)
+        U, S, V = truncated_svd(weighted, self.per_source, self.options.svd,
+                                self.svd_seed(source_index))
+        self.remember_source_factors({"U": U, "S": S, "V": V})
+        self._place(source_index, *without_null_components(U, S, V))
+
+    def cache_settings(self, pass_index: int, source_index: int) -> dict:
+        """k = r // N: adding a source changes k, so a TSV-M merge of N + 1 sources cannot
+        reuse the factors of an N-source one."""
+        return truncated_svd_settings(self.options.svd, self.per_source, self.shape,
+                                      self.svd_seed(source_index), self.like.dtype,
+                                      self.like.device)
+
+    def use_source_factors(self, source_index: int, factors: dict[str, Tensor]) -> None:
+        self._place(source_index, *without_null_components(
+            factors["U"], factors["S"], factors["V"]))
 
     def update_matrix_factored(self, pass_index: int, source_index: int, left: Tensor,
                                right: Tensor) -> None:

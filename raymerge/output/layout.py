@@ -7,6 +7,7 @@ the writer keeps no tensor in memory."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 
@@ -38,6 +39,13 @@ class ShardLayout:
     @property
     def total_size(self) -> int:
         return sum(slot.nbytes for slot in self.slots.values())
+
+    def fingerprint(self) -> str:
+        """sha256 of every shard's name and header: equal layouts place every byte alike."""
+        digest = hashlib.sha256()
+        for shard in self.shards:
+            digest.update(shard.file_name.encode() + shard.header)
+        return digest.hexdigest()
 
     def index_json(self) -> str:
         weight_map = {name: self.shards[slot.shard].file_name

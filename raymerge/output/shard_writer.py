@@ -2,44 +2,70 @@
 
 from __future__ import annotations
 
+import errno
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from raymerge.errors import OutputError
 from raymerge.output.layout import INDEX_NAME, ShardLayout
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class ShardWriter:
-    """Creates every shard with its final header and size, then fills tensor bytes in any order."""
+    """Creates every shard with its final header and size, then fills tensor bytes in any order.
+    With `written` (tensors already on disk, from the progress log) the shards are reopened as
+    they are, for a resumed merge."""
 
-    def __init__(self, directory: str | Path, layout: ShardLayout) -> None:
+    def __init__(self, directory: str | Path, layout: ShardLayout,
+                 written: set[str] | None = None) -> None:
         self.directory = Path(directory)
         self.layout = layout
-        self.written: set[str] = set()
+        self.written: set[str] = set(written or ())
         self._fds = []
-        for shard in layout.shards:
-            fd = os.open(self.directory / shard.file_name, os.O_RDWR | os.O_CREAT | os.O_TRUNC,
-                         0o644)
-            self._fds.append(fd)
-            os.pwrite(fd, shard.header, 0)
-            os.ftruncate(fd, shard.size)
+        with self._disk_errors("creating the shards"):
+            for shard in layout.shards:
+                self._fds.append(self._open(shard, resume=written is not None))
 
-    def write(self, tensors: dict[str, np.ndarray]) -> int:
-        """Write finished tensors; returns the number of bytes written."""
-        written = 0
-        for name, array in tensors.items():
-            slot = self.layout.slots[name]
-            data = memoryview(np.ascontiguousarray(array)).cast("B")
-            if data.nbytes != slot.nbytes:
-                raise ValueError(f"{name}: got {data.nbytes} bytes, layout expects {slot.nbytes}")
-            fd = self._fds[slot.shard]
-            offset = slot.offset
-            while data:  # pwrite may write less than asked
-                count = os.pwrite(fd, data, offset)
-                data, offset = data[count:], offset + count
-            self.written.add(name)
-            written += slot.nbytes
+    def _open(self, shard, resume: bool) -> int:
+        path = self.directory / shard.file_name
+        if resume:
+            fd = os.open(path, os.O_RDWR)
+            if os.fstat(fd).st_size != shard.size or os.pread(fd, len(shard.header), 0) != \
+                    shard.header:
+                os.close(fd)
+                raise OutputError(f"cannot resume: {path} does not match this merge's layout; "
+                                  "delete it and merge again")
+            return fd
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(fd, shard.header, 0)
+        os.ftruncate(fd, shard.size)
+        return fd
+
+    def write(self, tensors: dict[str, np.ndarray], flush: bool = True) -> int:
+        """Write finished tensors and (with `flush`) make them durable before returning, so a
+        progress log may count them; returns the number of bytes written."""
+        written, touched = 0, set()
+        with self._disk_errors("writing"):
+            for name, array in tensors.items():
+                slot = self.layout.slots[name]
+                data = memoryview(np.ascontiguousarray(array)).cast("B")
+                if data.nbytes != slot.nbytes:
+                    raise ValueError(f"{name}: got {data.nbytes} bytes, layout expects "
+                                     f"{slot.nbytes}")
+                fd = self._fds[slot.shard]
+                offset = slot.offset
+                while data:  # pwrite may write less than asked
+                    count = os.pwrite(fd, data, offset)
+                    data, offset = data[count:], offset + count
+                touched.add(fd)
+                written += slot.nbytes
+            for fd in touched if flush else ():
+                os.fdatasync(fd)
+        self.written.update(tensors)
         return written
 
     def close(self) -> None:
@@ -47,13 +73,30 @@ class ShardWriter:
         missing = sorted(set(self.layout.slots) - self.written)
         if missing:
             raise RuntimeError(f"{len(missing)} tensors were never written, e.g. {missing[0]}")
-        for fd in self._fds:
-            os.fsync(fd)
-            os.close(fd)
-        self._fds = []
-        (self.directory / INDEX_NAME).write_text(self.layout.index_json())
+        with self._disk_errors("finishing"):
+            for fd in self._fds:
+                os.fsync(fd)
+                os.close(fd)
+            self._fds = []
+            (self.directory / INDEX_NAME).write_text(self.layout.index_json())
 
     def abort(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+    @contextmanager
+    def _disk_errors(self, doing: str):
+        """OSError from the output disk as one OutputError line (a full disk says so)."""
+        try:
+            yield
+        except OSError as error:
+            target = self.directory.name.removesuffix(".raymerge-staging").lstrip(".")
+            if error.errno in _DISK_FULL:
+                reason, fix = "the disk is full", "free space or choose an output.path with room"
+            else:
+                reason, fix = error.strerror or str(error), "check the output disk and permissions"
+            raise OutputError(
+                f"output {target}: {reason} while {doing} in {self.directory.parent}; {fix} "
+                "(nothing was published; a previous output there is intact)"
+            ) from None

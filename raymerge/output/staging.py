@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 
 from raymerge.errors import OutputError
+from raymerge.output.layout import ShardLayout
+from raymerge.output.progress_log import PROGRESS_NAME, ProgressLog
+from raymerge.sizes import format_size
 
 MANIFEST_NAME = "raymerge_manifest.json"
 
@@ -34,6 +37,27 @@ def check_output_path(target: Path, input_directories: list[Path]) -> None:
         raise OutputError(f"output {target}: cannot write in {parent}; check permissions")
 
 
+def check_free_space(directory: Path, layout: ShardLayout) -> None:
+    """Refuse to start when the shards still to be written cannot fit on the output's disk."""
+    present = sum(_allocated(directory / shard.file_name) for shard in layout.shards)
+    needed = sum(shard.size for shard in layout.shards) - present
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise OutputError(
+            f"output {directory.name.removesuffix('.raymerge-staging').lstrip('.')} needs "
+            f"{format_size(needed)} more but {directory.parent} has {format_size(free)} free; "
+            "free space or choose an output.path on a larger disk"
+        )
+
+
+def _allocated(path: Path) -> int:
+    """Bytes a (sparse) file occupies on disk now."""
+    try:
+        return path.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 class Staging:
     """`.NAME.raymerge-staging` next to the target: same filesystem, so publishing is a rename."""
 
@@ -47,8 +71,16 @@ class Staging:
         self.path.mkdir(parents=True)
         return self.path
 
+    def open(self, key: str) -> Path:
+        """The staging directory: an interrupted run of the same merge (its progress log carries
+        `key`) is kept to be resumed; anything else there is removed."""
+        if ProgressLog(self.path, key).finished() is None:
+            return self.create()
+        return self.path
+
     def publish(self) -> None:
         """Swap the finished staging directory into place; a previous output is replaced whole."""
+        (self.path / PROGRESS_NAME).unlink(missing_ok=True)
         shutil.rmtree(self._old, ignore_errors=True)
         if self.target.exists():
             self.target.rename(self._old)

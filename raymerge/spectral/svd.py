@@ -102,14 +102,27 @@ def _thin_qr(columns: Tensor) -> tuple[Tensor, Tensor]:
 
 def truncated_svd(matrix: Tensor, rank: int, mode: str = "auto", seed: int = 0) -> Svd:
     """Top-`rank` triplets by the path `mode` asks for: exact | randomized | auto."""
-    full_rank = min(matrix.shape)
-    rank = min(rank, full_rank)
-    use_randomized = mode == "randomized" or (
-        mode == "auto" and rank + OVERSAMPLE <= RANDOMIZED_FRACTION * full_rank)
-    if use_randomized:
+    rank = min(rank, min(matrix.shape))
+    if uses_randomized(mode, rank, matrix.shape):
         return randomized_svd(matrix, rank, seed=seed)
     U, S, V = exact_svd(matrix)
     return leading_triplets(U, S, V, rank)
+
+
+def uses_randomized(mode: str, rank: int, shape) -> bool:
+    """Whether truncated_svd takes the randomized path for this rank and shape."""
+    return mode == "randomized" or (
+        mode == "auto" and rank + OVERSAMPLE <= RANDOMIZED_FRACTION * min(shape))
+
+
+def truncated_svd_settings(mode: str, rank: int, shape, seed: int, dtype: torch.dtype,
+                           device: torch.device) -> dict:
+    """Everything truncated_svd's result depends on besides the matrix: a cache key's part."""
+    rank = min(rank, min(shape))
+    randomized = uses_randomized(mode, rank, shape)
+    return {"op": "truncated_svd", "rank": rank, "dtype": str(dtype), "device": device.type,
+            "path": (f"randomized(oversample={OVERSAMPLE},power={POWER_ITERATIONS},seed={seed})"
+                     if randomized else "exact")}
 
 
 def leading_triplets(U: Tensor, S: Tensor, V: Tensor, rank: int) -> Svd:

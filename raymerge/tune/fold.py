@@ -34,7 +34,7 @@ def write_folded_checkpoint(merged: Path, target: Path, folded: dict[str, Tensor
             info = checkpoint.tensors[name]
             tensor = folded[name].to(TORCH_DTYPES[info.dtype]) if name in folded \
                 else read_tensor(info)
-            writer.write({name: to_numpy_bits(tensor)})
+            writer.write({name: to_numpy_bits(tensor)}, flush=False)  # close() syncs
         writer.close()
         if (merged / "config.json").exists():
             shutil.copy2(merged / "config.json", directory / "config.json")

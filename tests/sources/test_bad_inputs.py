@@ -206,6 +206,9 @@ def test_a_second_merge_into_an_output_being_written_is_refused(ray_cluster, tmp
         def ping(self) -> bool:
             return True
 
+        def merge_key(self) -> str:
+            return "the first merge"
+
     busy = Busy.options(name=writer_name(staging), namespace=WRITER_NAMESPACE).remote()
     ray.get(busy.ping.remote())
     try:

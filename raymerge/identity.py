@@ -1,0 +1,63 @@
+"""Immutable identities of a merge's inputs, and the ids derived from them.
+
+A source's identity is its Hub commit (`hf:org/name@<commit>`, immutable on the Hub) or the sha256
+of its local weight files (`sha256:...`, memoised by path, size and mtime). The submission id is
+a hash of the recipe with every source replaced by its identity: two submissions with the same
+id produce the same bytes, so the second is a no-op. The resume key is a cheaper fingerprint
+(file sizes and mtimes, no hashing) that tells whether a half-written staging directory belongs
+to the merge being started."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from raymerge.output.manifest import sha256_of
+from raymerge.recipe import Recipe
+
+# Recipe fields that change neither the output bytes nor where they go.
+_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache")}
+
+
+def checkpoint_identity(checkpoint) -> str:
+    """`hf:REPO@COMMIT` for a Hub source, else `sha256:` over its weight files' sha256s."""
+    if checkpoint.revision:
+        repo = checkpoint.label.partition("@")[0]
+        return f"hf:{repo}@{checkpoint.revision}"
+    lines = [f"{Path(path).name} {sha256_of(path)}" for path in sorted(checkpoint.files)]
+    return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def recipe_digest(recipe: Recipe, identities: dict[str, str] | None = None) -> str:
+    """sha256 of the recipe's content; with `identities` (label -> identity), source paths are
+    replaced by what they point at, so moving a directory does not change it."""
+    data = recipe.model_dump(mode="json")
+    for section, keys in _SCHEDULING_ONLY.items():
+        for key in keys:
+            data[section].pop(key, None)
+    if identities is not None:
+        data["base"] = identities[recipe.base]
+        for source in data["sources"]:
+            source["path"] = identities[source["path"]]
+    return _digest(data)
+
+
+def submission_id(recipe: Recipe, identities: dict[str, str]) -> str:
+    """`rm-` and 16 hex digits: equal for submissions that would write the same output."""
+    return "rm-" + recipe_digest(recipe, identities)[:16]
+
+
+def resume_key(recipe: Recipe, checkpoints: list, layout_fingerprint: str) -> str:
+    """Equal only for the same recipe, the same unchanged input files and the same layout."""
+    files = []
+    for checkpoint in checkpoints:
+        for path in sorted(checkpoint.files):
+            stat = os.stat(path)
+            files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])
+    return _digest({"recipe": recipe_digest(recipe), "files": files, "layout": layout_fingerprint})
+
+
+def _digest(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
