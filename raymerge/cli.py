@@ -1,4 +1,5 @@
-"""The `raymerge` command: merge | plan | demo. Reads arguments, calls the library, reports."""
+"""The `raymerge` command: merge | regenerate | plan | tune | inspect | demo. Reads arguments,
+calls the library, reports."""
 
 from __future__ import annotations
 
@@ -44,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
                        help="end with one JSON line for schedulers (output, sources, time, bytes)")
     merge.set_defaults(run=_merge)
 
+    regenerate = commands.add_parser(
+        "regenerate", help="re-merge the registry's models whose sources or recipe changed")
+    regenerate.add_argument("registry", help="REGISTRY.yaml: models and their recipes")
+    regenerate.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
+    regenerate.add_argument("--force", action="store_true", help="re-merge even when unchanged")
+    regenerate.add_argument("--dry-run", action="store_true",
+                            help="resolve and say what would be merged; merge nothing")
+    regenerate.add_argument("--json", action="store_true",
+                            help="one JSON line per model, then one for the run")
+    regenerate.set_defaults(run=_regenerate)
+
     plan = commands.add_parser("plan", help="print the work units, bytes and memory of a recipe")
     plan.add_argument("recipe")
     plan.add_argument("--allow-pickle", action="store_true")
@@ -69,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--method", default="ties", help="task_arithmetic | ties | dare")
     demo.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS or local)")
     demo.set_defaults(run=_demo)
-    for sub in (merge, plan, tune, inspect, demo):
+    for sub in (merge, regenerate, plan, tune, inspect, demo):
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show tracebacks on errors")
     return parser
@@ -102,6 +114,30 @@ def _merge(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result_record(prepared, result)), flush=True)
     return 0
+
+
+def _regenerate(args: argparse.Namespace) -> int:
+    from raymerge.regenerate import load_registry, regenerate
+
+    registry, root = load_registry(args.registry)
+
+    def report(outcome) -> None:
+        if args.json:
+            print(json.dumps(outcome.record()), flush=True)
+            return
+        what = outcome.detail.get("error") or outcome.output
+        print(f"{outcome.name}: {outcome.status} ({what})", flush=True)
+
+    outcomes = regenerate(registry, root, address=args.address, force=args.force,
+                          dry_run=args.dry_run, on_outcome=report)
+    failed = [outcome.name for outcome in outcomes if outcome.status == "error"]
+    if args.json:
+        print(json.dumps({"status": "error" if failed else "ok", "failed": failed,
+                          "models": {o.name: o.status for o in outcomes}}), flush=True)
+    elif failed:
+        print(f"raymerge: error: {len(failed)} of {len(outcomes)} models failed: "
+              f"{', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -138,6 +174,8 @@ def result_record(prepared, result) -> dict:
         "seconds": round(result.summary["seconds"], 3),
         "read_bytes": result.summary["read_bytes"],
         "output_bytes": result.summary["output_bytes"],
+        "submission_id": result.summary["submission_id"],
+        "resumed_units": result.summary["resumed_units"],
     }
 
 

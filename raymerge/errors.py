@@ -4,7 +4,12 @@ from __future__ import annotations
 
 
 class RaymergeError(Exception):
-    """Base class of every error a user can cause (bad recipe, bad source, bad output path)."""
+    """Base class of every error a user can cause (bad recipe, bad source, bad output path).
+    Its message stays on one line: control characters from file contents (a tensor name with a
+    newline, say) are shown escaped."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in str(message)))
 
 
 class RecipeError(RaymergeError):

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from raymerge.errors import SourceError
 from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, build_method
-from raymerge.plan import WorkUnit
+from raymerge.plan import WorkUnit, check_fits
 from raymerge.recipe import MethodSpec
 from raymerge.sources.checkpoint import Checkpoint
 from raymerge.sources.lora import LoraAdapter
@@ -41,12 +41,14 @@ class MergeJob:
     device: str = "cpu"
     num_threads: int | None = None
     factor_cache: FactorCacheSpec | None = None  # per-source spectral factors across merges
+    memory: int | None = None  # bytes the task asked Ray for; a unit that cannot fit is refused
 
 
 def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
     """Small statistics about one unit, and its payload for the writer: the merged tensors
     (numpy, exact output bytes) and, for methods that have them, the factors U, σ, V of each
     merged delta (numpy, compute dtype)."""
+    check_fits(unit, job.memory)  # before allocating anything
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
     started = time.perf_counter()
@@ -140,7 +142,7 @@ def _read_into(target: torch.Tensor, checkpoint: Checkpoint, name: str,
                     raw = source[start:start + step]
                     # to the device in the file's dtype (bfloat16: half the bytes), then convert
                     target[start:start + step].copy_(raw.to(target.device))
-    except (OSError, RuntimeError) as error:  # safetensors reports I/O problems as these
+    except (OSError, RuntimeError, SafetensorError) as error:  # how safetensors reports I/O
         raise SourceError(
             f"source {checkpoint.label}: cannot read tensor {name} ({error}); "
             "the file changed or is truncated, re-download it"

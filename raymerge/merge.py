@@ -25,7 +25,7 @@ from raymerge.output.staging import (
     check_output_path,
 )
 from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
-from raymerge.plan import Plan, make_plan
+from raymerge.plan import Plan, check_fits, make_plan
 from raymerge.progress import MergeProgress
 from raymerge.recipe import Recipe
 from raymerge.sources import Checkpoint, resolve_checkpoint, validate_sources
@@ -72,6 +72,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
         passes=getattr(method, "matrix_passes", getattr(method, "passes", 1)) + calibrating,
         state_tensors=method.state_tensors + calibrating,
     )
+    for unit in plan.units:  # refuse a task memory the largest unit cannot fit in
+        check_fits(unit, recipe.runtime.memory)
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan)
 
 
@@ -130,6 +132,7 @@ def _job(prepared: Prepared) -> MergeJob:
         device=_device(recipe),
         num_threads=max(1, int(recipe.runtime.num_cpus)),
         factor_cache=_factor_cache(prepared),
+        memory=recipe.runtime.memory,
     )
 
 

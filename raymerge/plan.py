@@ -41,6 +41,7 @@ class WorkUnit:
     read_bytes: int  # base plus every source, all passes
     output_bytes: int
     peak_bytes: int  # estimated peak memory of the task that merges it
+    peak_tensor: str = ""  # the tensor whose merge sets that peak
 
 
 @dataclass(frozen=True)
@@ -133,9 +134,9 @@ def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_t
     output_bytes = sum(tensor.output_bytes for tensor in tensors)
     # While one tensor is merged the task holds: the base and the current source delta in the
     # compute dtype, the method's state, the raw source tensor, and the unit's finished outputs.
-    working = max(
-        tensor.numel * compute_itemsize * (2 + state_tensors)
-        + max(source.nbytes_of(tensor.name) for source in sources)
+    working, peak_tensor = max(
+        (tensor.numel * compute_itemsize * (2 + state_tensors)
+         + max(source.nbytes_of(tensor.name) for source in sources), tensor.name)
         for tensor in tensors
     )
     return WorkUnit(
@@ -145,4 +146,21 @@ def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_t
         read_bytes=base_bytes + passes * source_bytes,
         output_bytes=output_bytes,
         peak_bytes=working + output_bytes,
+        peak_tensor=peak_tensor,
+    )
+
+
+def check_fits(unit: WorkUnit, memory: int | None) -> None:
+    """RecipeError, naming the tensor and the bytes, when a unit's estimated peak exceeds the
+    `memory` a task asks Ray for: refused up front instead of killed by the OOM monitor."""
+    if memory is None or unit.peak_bytes <= memory:
+        return
+    from raymerge.errors import RecipeError
+    from raymerge.sizes import format_size
+
+    raise RecipeError(
+        f"unit {unit.name} needs about {format_size(unit.peak_bytes)} per task (merging tensor "
+        f"{unit.peak_tensor} with the unit's outputs), more than runtime.memory = "
+        f"{format_size(memory)}; raise runtime.memory to at least "
+        f"{format_size(unit.peak_bytes)} on nodes that have it"
     )

@@ -15,17 +15,17 @@ DEFAULT_EXCLUDE = ["embed_tokens", "lm_head", "wte", "wpe", "embeddings"]
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     # extra="forbid": an unknown key is an error, never silently dropped.
     model_config = ConfigDict(extra="forbid")
 
 
-class SourceSpec(_Strict):
+class SourceSpec(StrictModel):
     path: str
     weight: float = 1.0
 
 
-class MethodSpec(_Strict):
+class MethodSpec(StrictModel):
     name: str = "task_arithmetic"
     scale: float = 1.0
     k: int | float = 0.1  # axis: a count, or a fraction of r = min(m, n)
@@ -50,7 +50,7 @@ class MethodSpec(_Strict):
         return name
 
 
-class SvcSpec(_Strict):
+class SvcSpec(StrictModel):
     alpha: Literal["auto"] | float = "auto"  # auto = 1/N
 
     @field_validator("alpha")
@@ -61,11 +61,11 @@ class SvcSpec(_Strict):
         return alpha
 
 
-class CalibrateSpec(_Strict):
+class CalibrateSpec(StrictModel):
     svc: SvcSpec | None = None
 
 
-class OutputSpec(_Strict):
+class OutputSpec(StrictModel):
     path: str = "./merged"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None
     shard_size: int = parse_size("2GB")
@@ -78,7 +78,7 @@ class OutputSpec(_Strict):
         return parse_size(value)
 
 
-class RuntimeSpec(_Strict):
+class RuntimeSpec(StrictModel):
     compute_dtype: Literal["float32", "float64"] = "float32"
     svd: Literal["auto", "exact", "randomized"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -95,7 +95,7 @@ class RuntimeSpec(_Strict):
         return None if value is None else parse_size(value)
 
 
-class Recipe(_Strict):
+class Recipe(StrictModel):
     base: str
     sources: list[SourceSpec] = Field(min_length=1)
     method: MethodSpec = MethodSpec()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -26,6 +27,14 @@ def published(directory: Path) -> list[str]:
     """Everything raymerge may have left at or beside an output path."""
     return sorted(p.name for p in directory.parent.iterdir() if p.name.lstrip(".").startswith(
         directory.name))
+
+
+def file_digests(directory: Path) -> dict[str, str]:
+    """sha256 of every shard and spectral-factor file (the manifest holds timings)."""
+    files = [*directory.glob("*.safetensors"), *directory.glob("spectral_factors/*"),
+             directory / "model.safetensors.index.json"]
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(files)}
 
 
 def manifest(directory: Path) -> dict:

@@ -48,6 +48,7 @@ def test_kuberay_cluster_job_and_cronjob_agree():
     cron = _load("kuberay-raycronjob-merge.yaml")
     assert (job["kind"], cron["kind"]) == ("RayJob", "RayCronJob")
     assert len(cron["spec"]["schedule"].split()) == 5
+    assert _entrypoint_module(cron["spec"]["jobTemplate"]["entrypoint"]) == "pipelines.regenerate"
     for spec in (job["spec"], cron["spec"]["jobTemplate"]):
         module = _entrypoint_module(spec["entrypoint"])
         assert importlib.util.find_spec(module) is not None, module
@@ -59,3 +60,11 @@ def test_runtime_env_lists_the_dependencies():
     runtime_env = _load("runtime-env.yaml")
     assert runtime_env["working_dir"] == "."
     assert {"torch", "safetensors", "pydantic"} <= set(runtime_env["pip"])
+
+
+def test_example_registry_is_valid():
+    from raymerge.regenerate import load_registry
+
+    registry, root = load_registry(CLUSTER / "registry.yaml")
+    assert root == CLUSTER.resolve() and registry.factor_cache
+    assert [model.name for model in registry.models] == ["team-axis", "team-ties"]

@@ -10,6 +10,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+from raymerge.errors import SourceError
 from raymerge.sources.checkpoint import Checkpoint
 
 _LIBRARIES = ("raymerge", "torch", "safetensors", "ray", "numpy", "huggingface_hub", "pydantic")
@@ -17,11 +18,24 @@ _LIBRARIES = ("raymerge", "torch", "safetensors", "ray", "numpy", "huggingface_h
 
 def sha256_of(path: str) -> str:
     """sha256 of a file, remembered by (real path, size, mtime): a scheduled re-merge of mostly
-    unchanged sources hashes only what changed. A Hugging Face cache blob is named by its sha256
-    already, so it is never read for this."""
+    unchanged sources hashes only what changed. A Hugging Face cache blob of a large (LFS) file
+    is named by the sha256 the Hub published for it: the content is checked against it."""
     real = Path(path).resolve()
-    if real.parent.name == "blobs" and len(real.name) == 64:
-        return real.name
+    digest = _memoised_sha256(real)
+    published = real.name if real.parent.name == "blobs" and _is_sha256(real.name) else None
+    if published is not None and digest != published:
+        raise SourceError(
+            f"{path}: its sha256 {digest} does not match the {published} the Hub published; "
+            f"the download is corrupted: delete {real} and download it again"
+        )
+    return digest
+
+
+def _is_sha256(name: str) -> bool:
+    return len(name) == 64 and all(c in "0123456789abcdef" for c in name)
+
+
+def _memoised_sha256(real: Path) -> str:
     stat = real.stat()
     key = hashlib.sha256(f"{real}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     memo = _hash_cache() / key[:2] / key

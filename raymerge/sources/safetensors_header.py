@@ -80,7 +80,7 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
         raise SourceError(
             f"{path}: corrupted safetensors header entry for tensor {name}; re-save the file"
         ) from None
-    if dtype not in DTYPE_SIZES:
+    if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SourceError(f"{path}: tensor {name} has unknown dtype {dtype!r}; re-save the file")
     info = TensorInfo(name=name, dtype=dtype, shape=shape, file=str(path))
     if any(dim < 0 for dim in shape) or not 0 <= start <= end <= data_size:

@@ -12,11 +12,11 @@ from ..errors import RecipeError
 from ..recipe import one_line, validate_config
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataSpec(_Strict):
+class DataSpec(StrictModel):
     train: str  # a parquet or JSON Lines file, or a directory of them
     eval: str | None = None  # held-out data; default: eval_fraction of train
     eval_fraction: float = Field(0.1, gt=0, lt=1)
@@ -31,14 +31,14 @@ class DataSpec(_Strict):
         return self
 
 
-class OptimizerSpec(_Strict):
+class OptimizerSpec(StrictModel):
     # AXIS stage 2 (arXiv 2508.19353) tunes σ with learning rate 0.1; we use Adam.
     name: Literal["adam", "sgd"] = "adam"
     lr: float = Field(0.1, gt=0)
     weight_decay: float = Field(0.0, ge=0)
 
 
-class TuneConfig(_Strict):
+class TuneConfig(StrictModel):
     merged: str  # an AXIS merge: a checkpoint with spectral_factors/
     base: str  # the base model the merge was made from
     data: DataSpec

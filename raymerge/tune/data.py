@@ -29,7 +29,7 @@ class Packer:
                  prompt_column: str | None = None, response_column: str | None = None) -> None:
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, trust_remote_code=False)
         self.seq_len = seq_len
         self.text_column = text_column
         self.prompt_column = prompt_column

@@ -29,7 +29,8 @@ def build_spectral_model(settings: TuneConfig):
     factors = load_factors(merged)
     base = Checkpoint.open(settings.base, Path(settings.base))
     base_weights = {name: read_tensor(base.tensors[name]).float() for name in factors}
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32,
+                                                 trust_remote_code=False)
     swapped = attach_spectral_layers(model, factors, base_weights, settings.n)
     return model, swapped
 

@@ -1,10 +1,14 @@
-"""Source hashes: correct, remembered by (path, size, mtime), taken from Hub blob names."""
+"""Source hashes: correct, remembered by (path, size, mtime), Hub blobs checked against the
+sha256 they are named by."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 
+import pytest
+
+from raymerge.errors import SourceError
 from raymerge.output.manifest import sha256_of
 
 
@@ -27,11 +31,14 @@ def test_remembered_hash_is_reused_for_an_unchanged_file(tmp_path):
     assert sha256_of(str(path)) == first
 
 
-def test_hub_blob_name_is_its_hash(tmp_path):
-    digest = hashlib.sha256(b"x").hexdigest()
+def test_hub_blob_is_checked_against_the_sha256_it_is_named_by(tmp_path):
+    digest = hashlib.sha256(b"weights").hexdigest()
     blob = tmp_path / "blobs" / digest
     blob.parent.mkdir()
-    blob.write_bytes(b"not read")
+    blob.write_bytes(b"weights")
     link = tmp_path / "model.safetensors"
     link.symlink_to(blob)
     assert sha256_of(str(link)) == digest
+    blob.write_bytes(b"weightz")
+    with pytest.raises(SourceError, match=f"does not match the {digest} the Hub published"):
+        sha256_of(str(link))

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
 import huggingface_hub.constants
+import pytest
 from helpers import write_recipe
 
 from raymerge.cli import main
@@ -22,3 +28,58 @@ def test_failed_push_keeps_the_complete_local_output(ray_cluster, float32_family
     assert f"hf upload org/merged-model {out}" in error and len(error.splitlines()) == 1
     assert (out / "model.safetensors.index.json").exists()
     assert (out / "raymerge_manifest.json").exists()
+
+
+class FakeHub:
+    """Stands in for huggingface_hub.HfApi; records calls and what the folder held."""
+
+    calls: list = []
+
+    def create_repo(self, repo_id, exist_ok, repo_type, private):
+        self.calls.append(("create_repo", repo_id, private))
+
+    def upload_folder(self, folder_path, repo_id, repo_type, commit_message,
+                      commit_description):
+        folder = Path(folder_path)
+        self.calls.append(("upload_folder", repo_id, commit_message, commit_description,
+                           sorted(p.name for p in folder.iterdir()),
+                           sorted(p.name for p in folder.parent.iterdir())))
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/abc123")
+
+
+@pytest.mark.parametrize("private", [None, False])
+def test_push_is_one_commit_naming_recipe_and_sources_after_the_output_is_complete(
+        ray_cluster, float32_family, tmp_path, capsys, monkeypatch, private):
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeHub)
+    FakeHub.calls = []
+    out = tmp_path / "merged"
+    sources = [str(p) for p in float32_family["sources"][:2]]
+    output = {"path": str(out), "push_to_hub": "org/merged-model"}
+    if private is not None:
+        output["private"] = private
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]), "sources": sources, "output": output})
+    assert main(["merge", str(recipe), "--no-progress", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    (create, repo, is_private), upload = FakeHub.calls
+    assert (create, repo, is_private) == ("create_repo", "org/merged-model", private is None)
+    _, repo, title, description, files, beside = upload
+    manifest = json.loads((out / "raymerge_manifest.json").read_text())
+    assert title == f"raymerge task_arithmetic merge {manifest['submission_id']}"
+    assert f"recipe sha256: {recipe_digest_of(out, manifest)}" in description
+    for source in [str(float32_family["base"]), *sources]:
+        assert f"{source} = {manifest['identities'][source]}" in description
+        assert manifest["identities"][source].startswith("sha256:")
+    # uploaded only once complete: published, nothing staged beside it, no progress log
+    assert {"raymerge_manifest.json", "model.safetensors.index.json", "config.json",
+            "README.md"} <= set(files) and "raymerge_progress.jsonl" not in files
+    assert beside == ["merged", "recipe.yaml"]
+    assert record["submission_id"] == manifest["submission_id"]
+
+
+def recipe_digest_of(out: Path, manifest: dict) -> str:
+    from raymerge.identity import recipe_digest
+    from raymerge.recipe import load_recipe
+
+    return recipe_digest(load_recipe(out / "raymerge_recipe.yaml"), manifest["identities"])

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -92,6 +94,68 @@ def test_unsupported_dtype(tmp_path, float32_family, capsys):
     assert f"tensor {FIRST_MATRIX} has dtype I8" in error and "unquantized" in error
 
 
+def test_float8_source_is_refused(tmp_path, float32_family, capsys):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad", edit=lambda t: t.update(
+        {FIRST_MATRIX: t[FIRST_MATRIX].to(torch.float8_e4m3fn)}))
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert f"source {bad}: tensor {FIRST_MATRIX} has dtype F8_E4M3" in error
+
+
+def test_source_of_another_architecture_is_refused(tmp_path, float32_family, capsys):
+    def other(config):
+        config.update(model_type="mistral", architectures=["MistralForCausalLM"])
+
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad", config_edit=other)
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert f"source {bad}: model_type is 'mistral' but the base's is 'llama'" in error
+
+
+def test_task_memory_too_small_for_a_unit_is_refused_before_merging(tmp_path, float32_family,
+                                                                    capsys):
+    out = tmp_path / "merged"
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]), "sources": [str(float32_family["sources"][0])],
+        "runtime": {"memory": "20KB"}, "output": {"path": str(out)}})
+    assert main(["merge", str(recipe), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "needs about" in error and "per task (merging tensor model." in error
+    assert "more than runtime.memory = 19.5 KiB; raise runtime.memory to at least" in error
+    assert published(out) == []
+
+
+def test_a_task_checks_its_unit_fits_before_allocating(float32_family):
+    from raymerge.errors import RecipeError
+    from raymerge.execute import MergeJob, merge_unit
+    from raymerge.plan import make_plan
+    from raymerge.recipe import MethodSpec
+    from raymerge.sources import resolve_checkpoint
+
+    base = resolve_checkpoint(str(float32_family["base"]))
+    source = resolve_checkpoint(str(float32_family["sources"][0]))
+    unit = make_plan(base, [source], output_dtype=None).units[1]
+    job = MergeJob(base=base, sources=[source], weights=[1.0], method=MethodSpec(),
+                   memory=unit.peak_bytes - 1)
+    with pytest.raises(RecipeError, match=f"unit {unit.name} needs about .* tensor "
+                                          f"{unit.peak_tensor}"):
+        merge_unit(job, unit)
+    assert merge_unit(MergeJob(**{**job.__dict__, "memory": unit.peak_bytes}), unit)[0]["unit"] \
+        == unit.index
+
+
+def test_no_traceback_without_debug_and_one_with_it(tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", {"base": str(tmp_path / "nowhere"),
+                                                      "sources": [str(tmp_path / "gone")]})
+    plain = subprocess.run([sys.executable, "-m", "raymerge.cli", "merge", str(recipe)],
+                           capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert plain.stderr.strip().splitlines() == [
+        f"raymerge: error: source {tmp_path / 'nowhere'}: not found; give an existing directory "
+        "or 'org/name'"]
+    debug = subprocess.run([sys.executable, "-m", "raymerge.cli", "--debug", "merge", str(recipe)],
+                           capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr
+
+
 def test_unreadable_header(tmp_path, float32_family, capsys):
     bad = _copy_with(float32_family["sources"][1], tmp_path / "bad")
     data = bytearray((bad / "model.safetensors").read_bytes())
@@ -109,9 +173,11 @@ def test_header_pointing_past_end_of_file(tmp_path, float32_family, capsys):
     assert "points past the end of the file" in error
 
 
-def test_nan_in_source_found_while_streaming(ray_cluster, tmp_path, float32_family, capsys):
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_nan_or_inf_in_source_found_while_streaming(ray_cluster, tmp_path, float32_family, capsys,
+                                                    value):
     def poison(tensors):
-        tensors[FIRST_MATRIX][3, 4] = float("nan")
+        tensors[FIRST_MATRIX][3, 4] = value
 
     bad = _copy_with(float32_family["sources"][1], tmp_path / "bad", edit=poison)
     error = _merge_fails(tmp_path, float32_family, bad, capsys)
@@ -156,6 +222,11 @@ def test_output_inside_a_source_is_refused(tmp_path, float32_family, capsys):
     ({"base": "b", "sources": ["s"], "method": {"name": "ties", "density": 1.5}},
      "method.density: Input should be less than or equal to 1"),
     ({"base": "b", "sources": ["s"], "method": {"name": "slerp"}}, "unknown method 'slerp'"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "axis", "k": 0}},
+     "method.k: Value error, k must be a positive integer"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "axis", "k": 1.5}},
+     "method.k: Value error, k must be a positive integer, or a fraction in (0, 1]"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "dare", "p": 1.0}}, "method.p:"),
     ({"base": "b", "sources": ["s"], "output": {"shard_size": "lots"}}, "not a size: 'lots'"),
 ])
 def test_bad_recipe_points_at_the_key(tmp_path, capsys, recipe, message):

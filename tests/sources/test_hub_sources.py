@@ -62,3 +62,21 @@ def test_merge_with_a_hub_source_pins_revision_and_hashes(ray_cluster, hub_cache
     expected = hashlib.sha256(local.read_bytes()).hexdigest()
     assert source["files"]["model.safetensors"]["sha256"] == expected
     assert COMMIT in (out / "README.md").read_text()
+
+
+def test_a_hub_blob_that_does_not_match_its_published_sha256_is_refused(
+        ray_cluster, hub_cache, tmp_path, float32_family, capsys):
+    snapshot = hub_cache / "models--org--ft-math" / "snapshots" / COMMIT
+    blob = (snapshot / "model.safetensors").resolve()
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF  # one flipped bit in the last tensor: the header still reads fine
+    blob.write_bytes(bytes(data))
+    out = tmp_path / "merged"
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]), "sources": ["org/ft-math"],
+        "output": {"path": str(out)}})
+    assert main(["merge", str(recipe), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"does not match the {blob.name} the Hub published" in error
+    assert f"delete {blob} and download it again" in error and len(error.splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".merged*"))

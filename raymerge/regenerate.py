@@ -1,0 +1,155 @@
+"""`raymerge regenerate REGISTRY.yaml`: re-merge the registry's models whose inputs changed.
+
+    factor_cache: /shared/raymerge/factors   # optional: each model's runtime.factor_cache default
+    models:
+      - name: team-merge
+        recipe: recipes/team.yaml            # relative to this file, or an inline recipe mapping
+        output: /models/team-merge           # optional: overrides the recipe's output.path
+
+For each model every source is resolved to an immutable identity (Hub commit, or sha256 of the
+local files); the submission id hashes the recipe with those identities. A model whose published
+output carries the same submission id is skipped, as is one whose identical merge is being
+written on this cluster now: a duplicate scheduled run is a no-op. A failing model does not stop
+the others; the run fails (exit 1) if any did."""
+
+from __future__ import annotations
+
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import Field, field_validator
+
+from raymerge.errors import RaymergeError, RecipeError
+from raymerge.identity import checkpoint_identity, resume_key, submission_id
+from raymerge.recipe import StrictModel, load_recipe, one_line, recipe_from_dict, validate_config
+
+
+class ModelEntry(StrictModel):
+    name: str = Field(min_length=1)
+    recipe: str | dict[str, Any]
+    output: str | None = None
+
+
+class Registry(StrictModel):
+    factor_cache: str | None = None
+    models: list[ModelEntry] = Field(min_length=1)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: list[ModelEntry]) -> list[ModelEntry]:
+        names = [model.name for model in models]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicated)}")
+        return models
+
+
+@dataclass
+class Outcome:
+    """What happened to one model, as the JSON record a scheduler reads."""
+
+    name: str
+    status: str  # merged | unchanged | running | would-merge | error
+    output: str | None = None
+    submission_id: str | None = None
+    detail: dict = field(default_factory=dict)
+
+    def record(self) -> dict:
+        return {"name": self.name, "status": self.status, "output": self.output,
+                "submission_id": self.submission_id, **self.detail}
+
+
+def load_registry(path: str | Path) -> tuple[Registry, Path]:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"registry {path} not found: check the path") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"registry {path} is not valid YAML: {one_line(error)}") from None
+    return validate_config(Registry, data, f"registry {path}"), path.resolve().parent
+
+
+def regenerate(registry: Registry, root: Path, address: str | None = None, force: bool = False,
+               dry_run: bool = False, on_outcome=None) -> list[Outcome]:
+    """Every model in order; `on_outcome(outcome)` is called as each one is decided."""
+    from raymerge.distributed.cluster import ray_session
+
+    outcomes = []
+    with nullcontext() if dry_run else ray_session(address):
+        for entry in registry.models:
+            outcome = _one_model(entry, registry, root, address, force, dry_run)
+            outcomes.append(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
+    return outcomes
+
+
+def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force: bool,
+               dry_run: bool) -> Outcome:
+    from raymerge.merge import prepare, run_merge
+
+    started = time.perf_counter()
+    try:
+        prepared = prepare(_recipe(entry, registry, root))
+        prepared.identities = {c.label: checkpoint_identity(c)
+                               for c in [prepared.base, *prepared.sources]}
+        sid = submission_id(prepared.recipe, prepared.identities)
+        outcome = Outcome(entry.name, "merged", str(prepared.target), sid,
+                          {"sources": prepared.identities})
+        if not force and _published_id(prepared.target) == sid:
+            outcome.status = "unchanged"
+        elif dry_run:
+            outcome.status = "would-merge"
+        elif _running(prepared):
+            outcome.status = "running"
+        else:
+            result = run_merge(prepared, address=address, show_progress=False)
+            outcome.detail |= {key: result.summary[key] for key in (
+                "seconds", "read_bytes", "output_bytes", "resumed_units", "factor_cache_hits",
+                "factor_cache_misses")}
+            if "hub_commit" in result.summary:
+                outcome.detail["hub_commit"] = result.summary["hub_commit"]
+    except RaymergeError as error:
+        return Outcome(entry.name, "error", detail={"error": str(error)})
+    outcome.detail["wall_seconds"] = round(time.perf_counter() - started, 3)
+    return outcome
+
+
+def _recipe(entry: ModelEntry, registry: Registry, root: Path):
+    if isinstance(entry.recipe, dict):
+        recipe = recipe_from_dict(entry.recipe, origin=f"registry model {entry.name}")
+    else:
+        recipe = load_recipe(root / entry.recipe)
+    updates: dict[str, Any] = {}
+    if entry.output is not None:
+        updates["output"] = recipe.output.model_copy(update={"path": entry.output})
+    if registry.factor_cache is not None and recipe.runtime.factor_cache is None:
+        updates["runtime"] = recipe.runtime.model_copy(
+            update={"factor_cache": registry.factor_cache})
+    return recipe.model_copy(update=updates)
+
+
+def _published_id(target: Path) -> str | None:
+    from raymerge.output.staging import MANIFEST_NAME
+
+    try:
+        return json.loads((target / MANIFEST_NAME).read_text()).get("submission_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _running(prepared) -> bool:
+    """Whether this very merge (same resume key) is being written on this cluster now."""
+    from raymerge.distributed.writer import running_merge_key
+    from raymerge.output.layout import layout_shards
+    from raymerge.output.staging import Staging
+
+    layout = layout_shards(prepared.plan.tensors, prepared.recipe.output.shard_size)
+    key = resume_key(prepared.recipe, [prepared.base, *prepared.sources], layout.fingerprint())
+    return running_merge_key(Staging(prepared.target).path) == key
