@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import psutil
@@ -40,11 +41,15 @@ def test_ray_job_submit_runs_the_merge_pipeline(float32_family, tmp_path):
         "method": {"name": "ties", "density": 0.5}, "output": {"path": str(out)}})
     try:
         subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
-        submit = subprocess.run(
-            [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
-             "--working-dir", str(REPO), "--", sys.executable, "-m", "pipelines.merge",
-             str(recipe)],
-            env=env, capture_output=True, text=True, timeout=300)
+        for _ in range(12):  # the head's job agent may come up a few seconds after `ray start`
+            submit = subprocess.run(
+                [ray_cli, "job", "submit", f"--address=http://127.0.0.1:{dashboard}",
+                 "--working-dir", str(REPO), "--", sys.executable, "-m", "pipelines.merge",
+                 str(recipe)],
+                env=env, capture_output=True, text=True, timeout=300)
+            if "No available agent to submit job" not in submit.stderr:
+                break
+            time.sleep(5)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         record = json.loads(next(line for line in reversed(submit.stdout.splitlines())
                                  if line.startswith('{"status"')))
