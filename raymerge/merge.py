@@ -18,6 +18,7 @@ from raymerge.output.files import copy_tokenizer, write_config
 from raymerge.output.hub import commit_message, push_to_hub
 from raymerge.output.layout import layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
+from raymerge.output.shard_writer import disk_errors
 from raymerge.output.staging import (
     MANIFEST_NAME,
     Staging,
@@ -103,8 +104,9 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
             summary = _summary(plan, unit_stats, seconds) | {"resumed_units": resumed}
             hashes = hasher.result()
             summary["submission_id"] = submission_id(recipe, _identities(prepared))
-            _write_metadata(prepared, directory, layout, unit_stats, summary, hashes)
-            staging.publish()
+            with disk_errors(directory, "writing metadata"):
+                _write_metadata(prepared, directory, layout, unit_stats, summary, hashes)
+                staging.publish()
         except RaymergeError:  # bad input or output: nothing to resume
             hasher.cancel()
             staging.discard()

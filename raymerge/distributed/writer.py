@@ -17,7 +17,7 @@ from raymerge.errors import OutputError
 from raymerge.output.factors import FACTORS_DIR, FactorWriter, unit_file_name
 from raymerge.output.layout import ShardLayout
 from raymerge.output.progress_log import ProgressLog
-from raymerge.output.shard_writer import ShardWriter
+from raymerge.output.shard_writer import ShardWriter, disk_errors
 
 WRITER_RESTARTS = 3
 
@@ -25,7 +25,8 @@ WRITER_RESTARTS = 3
 class ShardWriterActor:
     def __init__(self, directory: str, layout: ShardLayout, key: str) -> None:
         self.key = key
-        self.log = ProgressLog(Path(directory), key)
+        self.directory = Path(directory)
+        self.log = ProgressLog(self.directory, key)
         self.done = self.log.finished()
         factors_dir = Path(directory) / FACTORS_DIR
         if self.done is None:  # a fresh merge
@@ -51,15 +52,17 @@ class ShardWriterActor:
         """A unit's payload from merge_unit: merged tensors and, maybe, spectral factors; logged
         as finished once its bytes are on disk."""
         written = self.writer.write(payload["tensors"])
-        if payload["factors"]:
-            self.factors.write(payload["unit"], payload["factors"])
-        self.log.record(payload["unit"], stats, sorted(payload["factors"]))
+        with disk_errors(self.directory, "writing"):
+            if payload["factors"]:
+                self.factors.write(payload["unit"], payload["factors"])
+            self.log.record(payload["unit"], stats, sorted(payload["factors"]))
         self.done[payload["unit"]] = {"stats": stats, "factors": sorted(payload["factors"])}
         return written
 
     def close(self) -> None:
         self.writer.close()
-        self.factors.close()
+        with disk_errors(self.directory, "finishing"):
+            self.factors.close()
 
 
 WRITER_NAMESPACE = "raymerge"

@@ -85,18 +85,22 @@ class ShardWriter:
             os.close(fd)
         self._fds = []
 
-    @contextmanager
     def _disk_errors(self, doing: str):
-        """OSError from the output disk as one OutputError line (a full disk says so)."""
-        try:
-            yield
-        except OSError as error:
-            target = self.directory.name.removesuffix(".raymerge-staging").lstrip(".")
-            if error.errno in _DISK_FULL:
-                reason, fix = "the disk is full", "free space or choose an output.path with room"
-            else:
-                reason, fix = error.strerror or str(error), "check the output disk and permissions"
-            raise OutputError(
-                f"output {target}: {reason} while {doing} in {self.directory.parent}; {fix} "
-                "(nothing was published; a previous output there is intact)"
-            ) from None
+        return disk_errors(self.directory, doing)
+
+
+@contextmanager
+def disk_errors(directory: Path, doing: str):
+    """OSError from the output disk as one OutputError line (a full disk says so)."""
+    try:
+        yield
+    except OSError as error:
+        target = directory.name.removesuffix(".raymerge-staging").lstrip(".")
+        if error.errno in _DISK_FULL:
+            reason, fix = "the disk is full", "free space or choose an output.path with room"
+        else:
+            reason, fix = error.strerror or str(error), "check the output disk and permissions"
+        raise OutputError(
+            f"output {target}: {reason} while {doing} in {directory.parent}; {fix} "
+            "(nothing was published; a previous output there is intact)"
+        ) from None

@@ -173,3 +173,42 @@ def test_a_full_disk_while_writing_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr("raymerge.output.shard_writer.os.pwrite", full)
     with pytest.raises(OutputError, match="the disk is full while writing"):
         writer.write({"w": np.zeros((4, 4), np.float32)})
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB tmpfs: a disk that can really fill up (needs the privilege to mount)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:  # the ENOSPC path is also covered by the ShardWriter test above
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_the_disk_filling_up_mid_merge_keeps_the_previous_output(
+        ray_cluster, float32_family, tmp_path, small_disk, monkeypatch, capsys):
+    out = small_disk / "merged"
+    assert main(["merge", str(axis_recipe(tmp_path, float32_family, out)), "--no-progress"]) == 0
+    before = file_digests(out)
+
+    def fill_the_disk(done: int) -> None:
+        if done == 1:  # another process takes all the space left
+            with open(small_disk / "filler", "wb") as handle:
+                try:
+                    while True:
+                        handle.write(b"\0" * 65536)
+                        handle.flush()
+                except OSError:
+                    pass
+
+    on_unit_done(monkeypatch, fill_the_disk)
+    recipe = axis_recipe(tmp_path, float32_family, out, sources=float32_family["sources"][:2])
+    assert main(["merge", str(recipe), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "output merged: the disk is full while" in error
+    assert "a previous output there is intact" in error
+    assert file_digests(out) == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "merged"]
