@@ -19,20 +19,31 @@ from helpers import load_tensors, write_recipe
 REPO = Path(__file__).parents[2]
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """Distinct ports free now (all held open together while they are picked)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def test_ray_job_submit_runs_the_merge_pipeline(float32_family, tmp_path):
     ray_cli = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_ADDRESS": ""}
-    port, dashboard = _free_port(), _free_port()
+    port, dashboard, *agent_ports = _free_ports(7)
     # short: Ray's Unix sockets live under it and socket paths are limited to ~107 bytes
     temp_dir = tempfile.mkdtemp(prefix="rm-", dir="/tmp")
     start = [ray_cli, "start", "--head", "--num-cpus", "2", "--disable-usage-stats",
              f"--port={port}", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+             # every port of its own: the test session's cluster holds the default ones
+             *(f"--{name}={number}" for name, number in zip(
+                 ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                  "runtime-env-agent-port", "ray-client-server-port", "metrics-export-port"),
+                 agent_ports)),
              f"--temp-dir={temp_dir}"]
     out = tmp_path / "merged"
     recipe = write_recipe(tmp_path / "recipe.yaml", {
