@@ -6,14 +6,10 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from ..errors import RecipeError
-from ..recipe import one_line, validate_config
-
-
-class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+from ..recipe import StrictModel, one_line, validate_config
 
 
 class DataSpec(StrictModel):

