@@ -34,11 +34,30 @@ METHODS = {
     "axis": {"name": "axis", "k": 0.5},
 }
 LAMBDAS = (0.3, 0.6, 1.0, 1.4)
+EXTEND = 2  # grid points added beyond an edge the best λ sits on: ×1.4 above, ÷2 below
+
+
+def choose_scale(grid, validation_score, extend: int = EXTEND) -> tuple[float, dict]:
+    """The λ with the best validation score; when that is at an edge of the grid, the grid is
+    extended past it (at most `extend` points) until the score drops. Returns (λ, score per λ
+    tried)."""
+    scores = {scale: validation_score(scale) for scale in grid}
+    for _ in range(extend):
+        best = max(scores, key=scores.get)
+        if best == max(scores):
+            new = round(best * 1.4, 3)
+        elif best == min(scores):
+            new = round(best / 2, 3)
+        else:
+            break
+        scores[new] = validation_score(new)
+    return max(scores, key=scores.get), dict(sorted(scores.items()))
 
 
 def merge(base: Path, sources: list[Path], method: dict, scale: float, svc: bool,
           out: Path) -> Path:
-    """`raymerge merge` of a recipe (in this process, on the cluster it keeps open)."""
+    """`raymerge merge` of a recipe (in this process, on the cluster it keeps open); kept from
+    an earlier run when the recipe is the same."""
     from raymerge.cli import main
 
     recipe = {"base": str(base), "sources": [str(s) for s in sources],
@@ -46,8 +65,12 @@ def merge(base: Path, sources: list[Path], method: dict, scale: float, svc: bool
               "runtime": {"max_in_flight": 2}}
     if svc:
         recipe["calibrate"] = {"svc": {"alpha": "auto"}}
-    path = out.with_suffix(".yaml")
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.parent / f"{out.name}.yaml"
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    if (out / "raymerge_manifest.json").exists() and path.exists() and path.read_text() == text:
+        return out  # merged by an earlier run of this benchmark
+    path.write_text(text)
     if main(["merge", str(path), "--no-progress"]) != 0:
         sys.exit(f"raymerge merge {path} failed")
     return out
@@ -92,15 +115,17 @@ def main() -> None:
         for method_name in args.methods:
             for svc in (False, True):
                 label = method_name + ("+svc" if svc else "")
-                scores = {}
-                for scale in LAMBDAS:
-                    out = merge(base, sources, METHODS[method_name], scale, svc,
+
+                def validation(scale: float, method=METHODS[method_name], svc=svc,
+                               label=label) -> float:
+                    out = merge(base, sources, method, scale, svc,
                                 work / "merged" / f"{label}-{scale}")
-                    scores[scale] = evaluate(out, heads, data, "validation")
-                best = max(LAMBDAS, key=lambda s: sum(scores[s].values()))
+                    return _mean(evaluate(out, heads, data, "validation"))
+
+                best, scores = choose_scale(LAMBDAS, validation)
                 test = evaluate(work / "merged" / f"{label}-{best}", heads, data, "test")
                 rows.append({"method": label, "scale": best, "test": test,
-                             "validation_by_scale": {str(s): _mean(v) for s, v in scores.items()}})
+                             "validation_by_scale": {str(s): v for s, v in scores.items()}})
                 print(f"{label}: λ={best} test mean {_mean(test):.3f} "
                       f"(validation by λ: {rows[-1]['validation_by_scale']})", flush=True)
 

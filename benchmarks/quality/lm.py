@@ -57,6 +57,7 @@ class Prompts:
     ids: torch.Tensor
     mask: torch.Tensor
     answers: torch.Tensor
+    choices: torch.Tensor  # the task's answer tokens, one per class
 
     def rows(self, window) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.ids[window], self.mask[window], self.answers[window]
@@ -71,7 +72,8 @@ def prompts(tokenizer, task: Task, split: Split) -> Prompts:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return Prompts(ids, mask, torch.tensor([answer_ids[label] for label in split.labels]))
+    return Prompts(ids, mask, torch.tensor([answer_ids[label] for label in split.labels]),
+                   torch.tensor(answer_ids))
 
 
 def answer_logits(model, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -126,11 +128,16 @@ def fine_tune(base: Path, task: Task, out: Path, steps: int = 40, batch_size: in
 
 @torch.inference_mode()
 def score(model, data: Prompts, batch_size: int = 50) -> dict[str, float]:
-    """Exact match (most likely next token = the answer) and mean answer cross-entropy."""
-    correct, loss = 0, 0.0
+    """Exact match (the most likely next token of the whole vocabulary is the answer), choice
+    accuracy (the answer is the likeliest of the task's answer words) and the mean answer
+    cross-entropy."""
+    correct, chosen, loss = 0, 0, 0.0
     for start in range(0, len(data.answers), batch_size):
         ids, mask, answers = data.rows(slice(start, start + batch_size))
         logits = answer_logits(model, ids, mask)
         correct += int((logits.argmax(-1) == answers).sum())
+        chosen += int((data.choices[logits[:, data.choices].argmax(-1)] == answers).sum())
         loss += float(torch.nn.functional.cross_entropy(logits, answers, reduction="sum"))
-    return {"exact_match": correct / len(data.answers), "loss": loss / len(data.answers)}
+    count = len(data.answers)
+    return {"exact_match": correct / count, "choice_accuracy": chosen / count,
+            "loss": loss / count}

