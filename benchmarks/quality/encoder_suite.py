@@ -8,7 +8,7 @@ then reported on the test split.
     python benchmarks/quality/encoder_suite.py [--work benchmarks/work/quality]
 
 Fine-tunes are cached under --work (a rerun only merges and evaluates). Prints markdown tables
-and writes results.json and normalized_accuracy.png there.
+and writes results.json and results.png (normalized accuracy per method) there.
 """
 
 from __future__ import annotations
@@ -87,7 +87,12 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(SOURCES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--axis-k", type=float, help="AXIS's k instead of 0.5 (investigations)")
+    parser.add_argument("--results", default="results.json", help="file name under --work")
     args = parser.parse_args()
+    methods = {**METHODS}
+    if args.axis_k is not None:
+        methods["axis"] = {**METHODS["axis"], "k": args.axis_k}
     torch.set_num_threads(2)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -115,8 +120,10 @@ def main() -> None:
         for method_name in args.methods:
             for svc in (False, True):
                 label = method_name + ("+svc" if svc else "")
+                if methods[method_name] != METHODS[method_name]:
+                    label += f"(k={methods[method_name]['k']})"
 
-                def validation(scale: float, method=METHODS[method_name], svc=svc,
+                def validation(scale: float, method=methods[method_name], svc=svc,
                                label=label) -> float:
                     out = merge(base, sources, method, scale, svc,
                                 work / "merged" / f"{label}-{scale}")
@@ -133,11 +140,11 @@ def main() -> None:
         row["mean"] = _mean(row["test"])
         row["normalized"] = _mean({n: row["test"][n] / individual[n]["test"] for n in tasks})
     results = {"tasks": list(tasks), "individual": individual, "rows": rows,
-               "lambdas": LAMBDAS, "methods": METHODS,
+               "lambdas": LAMBDAS, "methods": methods,
                "seconds": round(time.perf_counter() - started, 1)}
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (work / args.results).write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)
-    plot(results, work / "normalized_accuracy.png")
+    plot(results, work / Path(args.results).with_suffix(".png").name)
     print(f"total {results['seconds']} s", flush=True)
 
 
