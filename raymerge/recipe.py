@@ -123,15 +123,21 @@ class Recipe(StrictModel):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's data (safe_load: no tags that construct objects); RecipeError in one line
+    naming `what` (recipe, tune config, registry) when it is missing or not YAML."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{what} {path} not found: check the path") from None
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{what} {path} is not valid YAML: {one_line(error)}") from None
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read a raymerge or mergekit YAML file into a validated Recipe."""
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"recipe {path} not found: check the path") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {path} is not valid YAML: {one_line(error)}") from None
+    data = read_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping with 'base', 'sources' and 'method'")
     if "merge_method" in data:

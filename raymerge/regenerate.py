@@ -21,12 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, field_validator
 
-from raymerge.errors import RaymergeError, RecipeError
+from raymerge.errors import RaymergeError
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
-from raymerge.recipe import StrictModel, load_recipe, one_line, recipe_from_dict, validate_config
+from raymerge.recipe import StrictModel, load_recipe, read_yaml, recipe_from_dict, validate_config
 
 
 class ModelEntry(StrictModel):
@@ -66,12 +65,7 @@ class Outcome:
 
 def load_registry(path: str | Path) -> tuple[Registry, Path]:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"registry {path} not found: check the path") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"registry {path} is not valid YAML: {one_line(error)}") from None
+    data = read_yaml(path, "registry")
     return validate_config(Registry, data, f"registry {path}"), path.resolve().parent
 
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, model_validator
 
-from ..errors import RecipeError
-from ..recipe import StrictModel, one_line, validate_config
+from ..recipe import StrictModel, read_yaml, validate_config
 
 
 class DataSpec(StrictModel):
@@ -56,10 +54,4 @@ class TuneConfig(StrictModel):
 
 def load_tune_config(path: str | Path) -> TuneConfig:
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"tune config {path} not found: check the path") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"tune config {path} is not valid YAML: {one_line(error)}") from None
-    return validate_config(TuneConfig, data, str(path))
+    return validate_config(TuneConfig, read_yaml(path, "tune config"), str(path))

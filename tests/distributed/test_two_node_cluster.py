@@ -12,20 +12,29 @@ from helpers import load_tensors, write_recipe
 
 from raymerge.cli import main
 
+# argv: recipe, then "lose-worker" to remove the worker node once the first unit is written
 _TWO_NODES = r"""
 import json, sys
 import ray
 from ray.cluster_utils import Cluster
-from raymerge.merge import prepare, run_merge
+from raymerge.merge import MergeProgress, prepare, run_merge
 from raymerge.recipe import load_recipe
 
 cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False})
-cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+worker = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+advance, removed = MergeProgress.advance, []
+def advance_then_remove(self, stats):
+    advance(self, stats)
+    if not removed:
+        cluster.remove_node(worker, allow_graceful=False)
+        removed.append(stats["node"])
+if sys.argv[2:] == ["lose-worker"]:
+    MergeProgress.advance = advance_then_remove
 try:
     result = run_merge(prepare(load_recipe(sys.argv[1])), address=cluster.address,
                        show_progress=False)
-    print(json.dumps(result.summary))
+    print(json.dumps({**result.summary, "removed": len(removed)}))
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -58,33 +67,6 @@ def test_merge_on_two_nodes_uses_both_and_matches(ray_cluster, float32_family, t
         [(local / s).read_bytes() for s in shards]
 
 
-_NODE_LOST = r"""
-import json, sys
-import ray
-from ray.cluster_utils import Cluster
-from raymerge.merge import MergeProgress, prepare, run_merge
-from raymerge.recipe import load_recipe
-
-cluster = Cluster(initialize_head=True, head_node_args={
-    "num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False})
-worker = cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
-advance, removed = MergeProgress.advance, []
-def advance_then_remove(self, stats):
-    advance(self, stats)
-    if not removed:  # the first unit is written: the worker node goes away mid-merge
-        cluster.remove_node(worker, allow_graceful=False)
-        removed.append(stats["node"])
-MergeProgress.advance = advance_then_remove
-try:
-    result = run_merge(prepare(load_recipe(sys.argv[1])), address=cluster.address,
-                       show_progress=False)
-    print(json.dumps({"removed": len(removed), "nodes": result.summary["nodes"]}))
-finally:
-    ray.shutdown()
-    cluster.shutdown()
-"""
-
-
 def test_a_worker_node_lost_mid_merge_still_finishes(ray_cluster, float32_family, tmp_path):
     recipe = {
         "base": str(float32_family["base"]),
@@ -94,8 +76,8 @@ def test_a_worker_node_lost_mid_merge_still_finishes(ray_cluster, float32_family
     }
     survived = tmp_path / "survived"
     path = write_recipe(tmp_path / "lost.yaml", {**recipe, "output": {"path": str(survived)}})
-    run = subprocess.run([sys.executable, "-c", _NODE_LOST, str(path)], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", _TWO_NODES, str(path), "lose-worker"],
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1])["removed"] == 1
 
