@@ -16,7 +16,7 @@ from raymerge.methods import METHODS, MergeOptions
 from raymerge.output.card import model_card
 from raymerge.output.files import copy_tokenizer, write_config
 from raymerge.output.hub import commit_message, push_to_hub
-from raymerge.output.layout import layout_shards
+from raymerge.output.layout import ShardLayout, layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
 from raymerge.output.shard_writer import disk_errors
 from raymerge.output.staging import (
@@ -89,8 +89,7 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
-    layout = layout_shards(plan.tensors, recipe.output.shard_size)
-    key = resume_key(recipe, [prepared.base, *prepared.sources], layout.fingerprint())
+    layout, key = layout_and_key(prepared)
     job = _job(prepared)
     staging = Staging(prepared.target)
     with ray_session(address):
@@ -103,7 +102,7 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
                                                         recipe.runtime, show_progress)
             summary = _summary(plan, unit_stats, seconds) | {"resumed_units": resumed}
             hashes = hasher.result()
-            summary["submission_id"] = submission_id(recipe, _identities(prepared))
+            summary["submission_id"] = submission_id(recipe, identities_of(prepared))
             with disk_errors(directory, "writing metadata"):
                 _write_metadata(prepared, directory, layout, unit_stats, summary, hashes)
                 staging.publish()
@@ -138,7 +137,15 @@ def _job(prepared: Prepared) -> MergeJob:
     )
 
 
-def _identities(prepared: Prepared) -> dict[str, str]:
+def layout_and_key(prepared: Prepared) -> tuple[ShardLayout, str]:
+    """The output's shard layout, and the resume key of this merge (its progress log's and its
+    writer actor's): equal for the same recipe, unchanged inputs and the same layout."""
+    layout = layout_shards(prepared.plan.tensors, prepared.recipe.output.shard_size)
+    inputs = [prepared.base, *prepared.sources]
+    return layout, resume_key(prepared.recipe, inputs, layout.fingerprint())
+
+
+def identities_of(prepared: Prepared) -> dict[str, str]:
     """Source label -> immutable identity (memoised hashes: cheap after SourceHasher ran)."""
     if prepared.identities is None:
         prepared.identities = {c.label: checkpoint_identity(c)
@@ -151,7 +158,7 @@ def _factor_cache(prepared: Prepared) -> FactorCacheSpec | None:
     root = prepared.recipe.runtime.factor_cache
     if root is None:
         return None
-    identities = _identities(prepared)
+    identities = identities_of(prepared)
     return FactorCacheSpec(
         root=str(Path(root).expanduser().resolve()),
         base=identities[prepared.base.label],
@@ -237,7 +244,7 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
         "versions": library_versions(),
         "method": recipe.method.model_dump(mode="json"),
         "base": describe_checkpoint(base, hashes),
-        "identities": _identities(prepared),
+        "identities": identities_of(prepared),
         "sources": [
             describe_checkpoint(source, hashes, weight=spec.weight)
             for source, spec in zip(prepared.sources, recipe.sources)

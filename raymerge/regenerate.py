@@ -24,7 +24,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from raymerge.errors import RaymergeError
-from raymerge.identity import checkpoint_identity, resume_key, submission_id
+from raymerge.identity import submission_id
 from raymerge.recipe import StrictModel, load_recipe, read_yaml, recipe_from_dict, validate_config
 
 
@@ -86,16 +86,14 @@ def regenerate(registry: Registry, root: Path, address: str | None = None, force
 
 def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force: bool,
                dry_run: bool) -> Outcome:
-    from raymerge.merge import prepare, run_merge
+    from raymerge.merge import identities_of, prepare, run_merge
 
     started = time.perf_counter()
     try:
         prepared = prepare(_recipe(entry, registry, root))
-        prepared.identities = {c.label: checkpoint_identity(c)
-                               for c in [prepared.base, *prepared.sources]}
-        sid = submission_id(prepared.recipe, prepared.identities)
+        sid = submission_id(prepared.recipe, identities_of(prepared))
         outcome = Outcome(entry.name, "merged", str(prepared.target), sid,
-                          {"sources": prepared.identities})
+                          {"sources": identities_of(prepared)})
         if not force and _published_id(prepared.target) == sid:
             outcome.status = "unchanged"
         elif dry_run:
@@ -141,9 +139,7 @@ def _published_id(target: Path) -> str | None:
 def _running(prepared) -> bool:
     """Whether this very merge (same resume key) is being written on this cluster now."""
     from raymerge.distributed.writer import running_merge_key
-    from raymerge.output.layout import layout_shards
+    from raymerge.merge import layout_and_key
     from raymerge.output.staging import Staging
 
-    layout = layout_shards(prepared.plan.tensors, prepared.recipe.output.shard_size)
-    key = resume_key(prepared.recipe, [prepared.base, *prepared.sources], layout.fingerprint())
-    return running_merge_key(Staging(prepared.target).path) == key
+    return running_merge_key(Staging(prepared.target).path) == layout_and_key(prepared)[1]

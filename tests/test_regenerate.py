@@ -101,9 +101,7 @@ def test_a_duplicate_of_a_merge_being_written_is_a_no_op(ray_cluster, float32_fa
     import ray
 
     from raymerge.distributed.writer import WRITER_NAMESPACE, writer_name
-    from raymerge.identity import resume_key
-    from raymerge.merge import prepare
-    from raymerge.output.layout import layout_shards
+    from raymerge.merge import layout_and_key, prepare
     from raymerge.output.staging import Staging
     from raymerge.recipe import recipe_from_dict
 
@@ -111,8 +109,7 @@ def test_a_duplicate_of_a_merge_being_written_is_a_no_op(ray_cluster, float32_fa
               "sources": [str(float32_family["sources"][0])],
               "output": {"path": str(tmp_path / "out")}}
     prepared = prepare(recipe_from_dict(recipe))
-    layout = layout_shards(prepared.plan.tensors, prepared.recipe.output.shard_size)
-    key = resume_key(prepared.recipe, [prepared.base, *prepared.sources], layout.fingerprint())
+    key = layout_and_key(prepared)[1]
 
     @ray.remote(num_cpus=0)
     class FirstSubmission:  # stands for the writer of the same merge, submitted earlier

@@ -28,17 +28,17 @@ class ShardWriterActor:
         self.directory = Path(directory)
         self.log = ProgressLog(self.directory, key)
         self.done = self.log.finished()
-        factors_dir = Path(directory) / FACTORS_DIR
+        factors_dir = self.directory / FACTORS_DIR
         if self.done is None:  # a fresh merge
             self.done = {}
-            self.writer = ShardWriter(Path(directory), layout)
+            self.writer = ShardWriter(self.directory, layout)
             self.factors = FactorWriter(factors_dir)
             self.log.start()
         else:  # resumed: after a driver's rerun, or a restart of this actor
             written = {name for record in self.done.values() for name in record["stats"]["tensors"]}
             factor_files = {name: unit_file_name(unit) for unit, record in self.done.items()
                             for name in record["factors"]}
-            self.writer = ShardWriter(Path(directory), layout, written=written)
+            self.writer = ShardWriter(self.directory, layout, written=written)
             self.factors = FactorWriter(factors_dir, factor_files)
 
     def finished(self) -> dict[int, dict]:

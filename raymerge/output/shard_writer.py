@@ -26,7 +26,7 @@ class ShardWriter:
         self.layout = layout
         self.written: set[str] = set(written or ())
         self._fds = []
-        with self._disk_errors("creating the shards"):
+        with disk_errors(self.directory, "creating the shards"):
             for shard in layout.shards:
                 self._fds.append(self._open(shard, resume=written is not None))
 
@@ -49,7 +49,7 @@ class ShardWriter:
         """Write finished tensors and (with `flush`) make them durable before returning, so a
         progress log may count them; returns the number of bytes written."""
         written, touched = 0, set()
-        with self._disk_errors("writing"):
+        with disk_errors(self.directory, "writing"):
             for name, array in tensors.items():
                 slot = self.layout.slots[name]
                 data = memoryview(np.ascontiguousarray(array)).cast("B")
@@ -73,7 +73,7 @@ class ShardWriter:
         missing = sorted(set(self.layout.slots) - self.written)
         if missing:
             raise RuntimeError(f"{len(missing)} tensors were never written, e.g. {missing[0]}")
-        with self._disk_errors("finishing"):
+        with disk_errors(self.directory, "finishing"):
             for fd in self._fds:
                 os.fsync(fd)
                 os.close(fd)
@@ -84,9 +84,6 @@ class ShardWriter:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
-
-    def _disk_errors(self, doing: str):
-        return disk_errors(self.directory, doing)
 
 
 @contextmanager
