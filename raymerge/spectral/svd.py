@@ -40,8 +40,22 @@ def exact_svd(matrix: Tensor) -> Svd:
             scale = torch.linalg.matrix_norm(matrix).clamp(min=torch.finfo(matrix.dtype).tiny)
             if bool(torch.isfinite(residual)) and float(residual / scale) < _tolerance(matrix):
                 return Svd(U, S, Vh.mT)
-    U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    U, S, Vh = svd(matrix)
     return Svd(U, S, Vh.mT)
+
+
+def svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """torch.linalg.svd (thin). LAPACK's divide-and-conquer driver can fail to converge on an
+    ill-conditioned float32 matrix: seen on CPU, one thread, for a 576×576 Iso-CTS stack of
+    unit singular vectors from real SmolLM2 fine-tunes (smallest σ 3e-4). Then the same SVD in
+    float64, cast back."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if matrix.dtype == torch.float64:
+            raise
+        U, S, Vh = torch.linalg.svd(matrix.double(), full_matrices=False)
+        return U.to(matrix.dtype), S.to(matrix.dtype), Vh.to(matrix.dtype)
 
 
 def randomized_svd(matrix: Tensor, rank: int, seed: int = 0, oversample: int = OVERSAMPLE,
@@ -72,7 +86,7 @@ def _small_svd(matrix: Tensor) -> tuple[Tensor, Tensor, Tensor]:
             return torch.linalg.svd(matrix, driver="gesvdj")
         except RuntimeError:
             pass
-    return torch.linalg.svd(matrix)
+    return svd(matrix)
 
 
 def orthonormalize(columns: Tensor) -> Tensor:
@@ -138,7 +152,7 @@ def factored_svd(left: Tensor, scales: Tensor, right: Tensor) -> Svd:
     q_left, r_left = torch.linalg.qr(left)
     q_right, r_right = torch.linalg.qr(right)
     core = (r_left * scales) @ r_right.mT
-    U, S, Vh = torch.linalg.svd(core, full_matrices=False)
+    U, S, Vh = svd(core)
     return Svd(q_left @ U, S, q_right @ Vh.mT)
 
 
@@ -159,7 +173,7 @@ def without_null_components(U: Tensor, S: Tensor, V: Tensor) -> Svd:
 
 def polar(matrix: Tensor) -> Tensor:
     """The orthogonal polar factor P·Qᵀ of matrix = P·diag(σ)·Qᵀ (columns orthonormalised)."""
-    P, _, Qh = torch.linalg.svd(matrix, full_matrices=False)
+    P, _, Qh = svd(matrix)
     return P @ Qh
 
 

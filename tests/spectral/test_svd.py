@@ -88,3 +88,33 @@ def test_randomized_svd_of_an_exactly_low_rank_matrix_falls_back_safely():
     torch.testing.assert_close((U * S) @ V.T, matrix, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(S[:3], exact_svd(matrix).S[:3], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(U[:, :3].T @ U[:, :3], torch.eye(3), atol=1e-5, rtol=0)
+
+
+def test_an_svd_that_does_not_converge_in_float32_is_done_in_float64(monkeypatch):
+    """LAPACK's float32 divide-and-conquer SVD failed to converge on a real Iso-CTS stack (CPU,
+    one thread); every SVD path then redoes it in float64 and returns float32."""
+    real_svd = torch.linalg.svd
+    attempts = []
+
+    def float32_fails(matrix, *args, **kwargs):
+        attempts.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(matrix, *args, **kwargs)
+
+    matrix = low_rank_plus_noise(48, 20, rank=20)
+    expected_U, expected_S, expected_V = exact_svd(matrix.double())
+    monkeypatch.setattr(torch.linalg, "svd", float32_fails)
+
+    U, S, V = exact_svd(matrix)
+    assert attempts == [torch.float32, torch.float64]
+    assert U.dtype == S.dtype == V.dtype == torch.float32
+    torch.testing.assert_close(S, expected_S.float())
+    torch.testing.assert_close((U * S) @ V.T, matrix, atol=1e-5, rtol=1e-5)
+    factor = polar(matrix)
+    assert factor.dtype == torch.float32
+    torch.testing.assert_close(factor, (expected_U @ expected_V.T).float(), atol=1e-5, rtol=1e-5)
+    left, right = matrix[:, :5], torch.randn(30, 5, dtype=torch.float32)
+    _, factored_S, _ = factored_svd(left, torch.ones(5), right)
+    torch.testing.assert_close(factored_S, torch.linalg.svdvals((left @ right.T).double())[:5]
+                               .float(), atol=1e-5, rtol=1e-5)
