@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from encoders import Encoded, accuracy, fine_tune, load_encoder, load_head, tokenizer_of, write_base
+from encoders import Encoded, EncoderScorer, fine_tune, load_head, tokenizer_of, write_base
+from selection import MethodRunner, read_tensors, variant_label, with_options
 from tasks import SOURCES, load_task
 
 METHODS = {
@@ -33,66 +33,33 @@ METHODS = {
     "iso_cts": {"name": "iso_cts"},
     "axis": {"name": "axis", "k": 0.5},
 }
-LAMBDAS = (0.3, 0.6, 1.0, 1.4)
-EXTEND = 2  # grid points added beyond an edge the best λ sits on: ×1.4 above, ÷2 below
+# without SVC every λ is the λ = 1 merge scaled in memory (selection.py): a wide grid is cheap.
+# Iso-C / Iso-CTS flatten the spectrum to its mean, so their best λ is large (their papers
+# search up to 3 and beyond).
+LAMBDAS = (0.3, 0.6, 1.0, 1.4, 2.0, 3.0)
+EXTEND = 3  # grid points added past an edge the best λ sits on: ×1.4 above, ÷2 below
+# one merge per λ with SVC, which leaves the output nearly independent of λ (γ undoes λ unless
+# the clip at α binds): two points
+SVC_LAMBDAS = (0.5, 1.0)
+SVC_EXTEND = 0
+VALIDATION_ROWS = 100  # per task, of the split's 200: λ selection is most of the run's time
+TITLE = "MiniLM-L6 encoder, {} tasks merged (test split)"
 
 
-def choose_scale(grid, validation_score, extend: int = EXTEND) -> tuple[float, dict]:
-    """The λ with the best validation score; when that is at an edge of the grid, the grid is
-    extended past it (at most `extend` points) until the score drops. Returns (λ, score per λ
-    tried)."""
-    scores = {scale: validation_score(scale) for scale in grid}
-    for _ in range(extend):
-        best = max(scores, key=scores.get)
-        if best == max(scores):
-            new = round(best * 1.4, 3)
-        elif best == min(scores):
-            new = round(best / 2, 3)
-        else:
-            break
-        scores[new] = validation_score(new)
-    return max(scores, key=scores.get), dict(sorted(scores.items()))
-
-
-def merge(base: Path, sources: list[Path], method: dict, scale: float, svc: bool,
-          out: Path) -> Path:
-    """`raymerge merge` of a recipe (in this process, on the cluster it keeps open); kept from
-    an earlier run when the recipe is the same."""
-    from raymerge.cli import main
-
-    recipe = {"base": str(base), "sources": [str(s) for s in sources],
-              "method": {**method, "scale": scale}, "output": {"path": str(out)},
-              "runtime": {"max_in_flight": 2}}
-    if svc:
-        recipe["calibrate"] = {"svc": {"alpha": "auto"}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    path = out.parent / f"{out.name}.yaml"
-    text = yaml.safe_dump(recipe, sort_keys=False)
-    if (out / "raymerge_manifest.json").exists() and path.exists() and path.read_text() == text:
-        return out  # merged by an earlier run of this benchmark
-    path.write_text(text)
-    if main(["merge", str(path), "--no-progress"]) != 0:
-        sys.exit(f"raymerge merge {path} failed")
-    return out
-
-
-def evaluate(encoder_dir: Path, heads: dict, data: dict, split: str) -> dict[str, float]:
-    encoder = load_encoder(encoder_dir)
-    return {name: accuracy(encoder, heads[name], None, data[name][split]) for name in heads}
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="benchmarks/work/quality")
     parser.add_argument("--tasks", nargs="+", default=list(SOURCES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--axis-k", type=float, help="AXIS's k instead of 0.5 (investigations)")
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a method setting other than the default, e.g. ties.density=0.5 "
+                             "(investigations; repeatable)")
+    parser.add_argument("--svc-alpha", default="auto", help="SVC's α (default auto = 1/N)")
     parser.add_argument("--results", default="results.json", help="file name under --work")
-    args = parser.parse_args()
-    methods = {**METHODS}
-    if args.axis_k is not None:
-        methods["axis"] = {**METHODS["axis"], "k": args.axis_k}
+    args = parser.parse_args(argv)
+    methods = with_options(METHODS, args.option)
+    svc_alpha = args.svc_alpha if args.svc_alpha == "auto" else float(args.svc_alpha)
     torch.set_num_threads(2)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -102,50 +69,54 @@ def main() -> None:
     base = write_base(work / "base")
     tokenizer = tokenizer_of(base)
     tasks = {name: load_task(name) for name in args.tasks}
-    individual = {}
-    for name, task in tasks.items():
-        individual[name] = fine_tune(base, task, work / "finetunes" / name, steps=args.steps)
-        print(f"fine-tune {name}: test {individual[name]['test']:.3f} "
-              f"({individual[name]['seconds']} s, cached or trained)", flush=True)
+    trained = {name: fine_tune(base, task, work / "finetunes" / name, steps=args.steps)
+               for name, task in tasks.items()}
+    fine_tuned_at = time.perf_counter()
     heads = {name: load_head(work / "finetunes" / name) for name in tasks}
-    data = {name: {"validation": Encoded(tokenizer, task.validation),
+    data = {name: {"validation": Encoded(tokenizer, task.validation.head(VALIDATION_ROWS)),
                    "test": Encoded(tokenizer, task.test)} for name, task in tasks.items()}
+    scorer = EncoderScorer(base, heads, data)
+    individual = {}
+    for name in tasks:  # scored the way the merges are (bfloat16)
+        scorer.load(read_tensors(work / "finetunes" / name / "encoder"))
+        individual[name] = {**trained[name], "test": scorer.scores("test", [name])[name]}
+        print(f"fine-tune {name}: test {individual[name]['test']:.3f} "
+              f"({trained[name]['seconds']} s to train, cached or trained)", flush=True)
+    scorer.load(read_tensors(base))
+    rows = [{"method": "base (pretrained encoder)", "scale": None, "test": scorer.test()}]
     sources = [work / "finetunes" / name / "encoder" for name in tasks]
-    rows = [{"method": "base (pretrained encoder)", "scale": None,
-             "test": evaluate(base, heads, data, "test")}]
 
     from raymerge.distributed.cluster import ray_session
 
     with ray_session():
+        runner = MethodRunner(base, sources, scorer, work, LAMBDAS, EXTEND, SVC_LAMBDAS,
+                              SVC_EXTEND, svc_alpha)
         for method_name in args.methods:
             for svc in (False, True):
-                label = method_name + ("+svc" if svc else "")
-                if methods[method_name] != METHODS[method_name]:
-                    label += f"(k={methods[method_name]['k']})"
-
-                def validation(scale: float, method=methods[method_name], svc=svc,
-                               label=label) -> float:
-                    out = merge(base, sources, method, scale, svc,
-                                work / "merged" / f"{label}-{scale}")
-                    return _mean(evaluate(out, heads, data, "validation"))
-
-                best, scores = choose_scale(LAMBDAS, validation)
-                test = evaluate(work / "merged" / f"{label}-{best}", heads, data, "test")
-                rows.append({"method": label, "scale": best, "test": test,
-                             "validation_by_scale": {str(s): v for s, v in scores.items()}})
-                print(f"{label}: λ={best} test mean {_mean(test):.3f} "
+                label = variant_label(method_name, methods, METHODS, svc, svc_alpha)
+                rows.append(runner.run(label, methods[method_name], svc))
+                print(f"{label}: λ={rows[-1]['scale']} test mean {_mean(rows[-1]['test']):.3f} "
                       f"(validation by λ: {rows[-1]['validation_by_scale']})", flush=True)
 
     for row in rows:
         row["mean"] = _mean(row["test"])
         row["normalized"] = _mean({n: row["test"][n] / individual[n]["test"] for n in tasks})
     results = {"tasks": list(tasks), "individual": individual, "rows": rows,
-               "lambdas": LAMBDAS, "methods": methods,
+               "lambdas": LAMBDAS, "svc_lambdas": SVC_LAMBDAS, "methods": methods,
+               "svc_alpha": svc_alpha,
+               "evaluation_dtype": "bfloat16", "timings": _rounded(runner.timings),
+               "fine_tune_seconds": round(fine_tuned_at - started, 1),
                "seconds": round(time.perf_counter() - started, 1)}
     (work / args.results).write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)
-    plot(results, work / Path(args.results).with_suffix(".png").name)
-    print(f"total {results['seconds']} s", flush=True)
+    plot([(TITLE.format(len(tasks)), rows)], work / Path(args.results).with_suffix(".png").name)
+    print(f"total {results['seconds']} s (fine-tunes {results['fine_tune_seconds']} s; "
+          f"{results['timings']})", flush=True)
+    return results
+
+
+def _rounded(timings: dict) -> dict:
+    return {k: round(v, 1) if isinstance(v, float) else v for k, v in timings.items()}
 
 
 def _mean(scores: dict[str, float]) -> float:
@@ -165,21 +136,23 @@ def print_tables(results: dict) -> None:
               + " | ".join(f"{row['test'][n]:.3f}" for n in tasks) + " |")
 
 
-def plot(results: dict, path: Path) -> None:
+def plot(panels: list[tuple[str, list[dict]]], path: Path) -> None:
+    """Normalized accuracy per method, one horizontal bar chart per (title, rows) panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["rows"]
-    figure, axes = plt.subplots(figsize=(9, 4))
-    axes.barh([r["method"] for r in rows], [r["normalized"] for r in rows], color="#4c72b0")
-    axes.axvline(1.0, color="black", linewidth=0.8)
-    axes.set_xlabel("normalized accuracy (merged ÷ individual fine-tune, mean over tasks)")
-    axes.set_title(f"MiniLM-L6, {len(results['tasks'])} tasks merged (test split)")
-    axes.invert_yaxis()
+    figure, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for axis, (title, rows) in zip(axes[0], panels):
+        axis.barh([r["method"] for r in rows], [r["normalized"] for r in rows],
+                  color=["#dd8452" if "svc" in r["method"] else "#4c72b0" for r in rows])
+        axis.axvline(1.0, color="black", linewidth=0.8)
+        axis.set_xlabel("normalized accuracy (merged ÷ individual fine-tune, mean over tasks)")
+        axis.set_title(title)
+        axis.invert_yaxis()
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -20,19 +20,34 @@ from pathlib import Path
 
 import torch
 import yaml
-from encoder_suite import METHODS, choose_scale, merge
-from lm import QUESTIONS, convert_base, fine_tune, load_model, prompts, score, tokenizer_of
+from encoder_suite import METHODS, plot
+from lm import (
+    QUESTIONS,
+    LanguageModelScorer,
+    convert_base,
+    fine_tune,
+    prompt_text,
+    prompts,
+    score,
+    tokenizer_of,
+)
+from selection import MethodRunner, read_tensors, variant_label, with_options
 from tasks import load_task
 
 TASKS = ("sms_spam", "movie_sentiment", "trec", "bbc_topic")
 TARGET = "plot_or_review"  # stage 2's held-out task: not among the merged ones
-LAMBDAS = (0.5, 1.0)  # each SmolLM2 merge costs 5-60 s here: a small grid, extended once
+# λ grids. Without SVC every λ is the λ = 1 merge scaled in memory (one merge per method), the
+# grid extended past an edge up to three times. With SVC every λ is a merge of its own (5-50 s
+# each here) and SVC leaves the output nearly independent of λ (γ undoes λ unless the clip at
+# α binds): in eight SVC validation curves measured on this suite (λ 0.25-1.4), λ = 1 was the
+# best or within 0.005 of it in all eight, so SVC variants are merged at λ = 1 only.
+LAMBDAS = (0.5, 1.0, 2.0)
+EXTEND = 3
+SVC_LAMBDAS = (1.0,)
+SVC_EXTEND = 0
+TITLE = "SmolLM2-135M, {} tasks merged (test exact match)"
+VALIDATION_ROWS = 50  # per task, of the split's 100: λ selection is much of the run's time
 SPLITS = dict(train=640, validation=100, test=200)
-
-
-def evaluate(model_dir: Path, data: dict, split: str) -> dict[str, dict[str, float]]:
-    model = load_model(model_dir)
-    return {name: score(model, data[name][split]) for name in data}
 
 
 def mean(scores: dict, key: str) -> float:
@@ -45,8 +60,8 @@ def tune_on_target(work: Path, merged: Path, base: Path, tokenizer, target) -> d
     from raymerge.tune.config import load_tune_config
     from raymerge.tune.job import run_tune
 
-    question, words = QUESTIONS[target.name]
-    rows = [{"prompt": tokenizer.decode(tokenizer.encode(text)[:32]) + f"\n{question}\nAnswer:",
+    words = QUESTIONS[target.name][1]
+    rows = [{"prompt": prompt_text(tokenizer, target.name, text),
              "response": words[target.classes[label]]}
             for text, label in zip(target.train.texts, target.train.labels)]
     data = work / f"{target.name}-train.jsonl"
@@ -57,7 +72,7 @@ def tune_on_target(work: Path, merged: Path, base: Path, tokenizer, target) -> d
         "data": {"train": str(data), "eval_fraction": 0.1, "prompt_column": "prompt",
                  "response_column": "response"},
         "optimizer": {"name": "adam", "lr": 0.01}, "epochs": 1, "max_steps": 30,
-        "batch_size": 8, "seq_len": 48, "num_workers": 0,
+        "batch_size": 8, "seq_len": 40, "num_workers": 0,
         "output": str(work / "tuned"), "storage_path": str(work / "tune-runs"),
         "run_name": f"target-{int(time.time())}"}))
     report = run_tune(load_tune_config(config))
@@ -65,12 +80,17 @@ def tune_on_target(work: Path, merged: Path, base: Path, tokenizer, target) -> d
             "trainable_sigma": report["trainable_parameters"]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", default="benchmarks/work/quality-lm")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=40)
-    args = parser.parse_args()
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help="a method setting other than the default, e.g. axis.k=0.1 "
+                             "(investigations; repeatable)")
+    parser.add_argument("--results", default="results.json", help="file name under --work")
+    args = parser.parse_args(argv)
+    methods = with_options(METHODS, args.option)
     torch.set_num_threads(2)
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -80,67 +100,78 @@ def main() -> None:
     base = convert_base(work / "base")
     tokenizer = tokenizer_of(base)
     tasks = {name: load_task(name, **SPLITS) for name in TASKS}
-    individual = {name: fine_tune(base, task, work / "finetunes" / name, steps=args.steps)
-                  for name, task in tasks.items()}
-    for name, metrics in individual.items():
-        print(f"fine-tune {name}: test exact match {metrics['test_exact_match']:.3f} "
-              f"({metrics['seconds']} s, cached or trained)", flush=True)
-    data = {name: {split: prompts(tokenizer, task, getattr(task, split))
-                   for split in ("validation", "test")} for name, task in tasks.items()}
+    trained = {name: fine_tune(base, task, work / "finetunes" / name, steps=args.steps)
+               for name, task in tasks.items()}
+    fine_tuned_at = time.perf_counter()
+    data = {name: {"validation": prompts(tokenizer, task, task.validation.head(VALIDATION_ROWS)),
+                   "test": prompts(tokenizer, task, task.test)} for name, task in tasks.items()}
+    scorer = LanguageModelScorer(base, data)
+    individual = {}
+    for name in tasks:  # scored the way the merges are (bfloat16)
+        scorer.load(read_tensors(work / "finetunes" / name))
+        individual[name] = {**trained[name], "test": scorer.scores("test", [name])[name]}
+        print(f"fine-tune {name}: test exact match {individual[name]['test']['exact_match']:.3f}"
+              f" ({trained[name]['seconds']} s to train, cached or trained)", flush=True)
+    scorer.load(read_tensors(base))
+    rows = [{"method": "base (zero-shot)", "scale": None, "test": scorer.test()}]
     sources = [work / "finetunes" / name for name in tasks]
-    rows = [{"method": "base (zero-shot)", "scale": None, "test": evaluate(base, data, "test")}]
 
     from raymerge.distributed.cluster import ray_session
 
     with ray_session():
+        runner = MethodRunner(base, sources, scorer, work, LAMBDAS, EXTEND, SVC_LAMBDAS,
+                              SVC_EXTEND)
         for method_name in args.methods:
             for svc in (False, True):
-                label = method_name + ("+svc" if svc else "")
-
-                def validation(scale: float, method=METHODS[method_name], svc=svc,
-                               label=label) -> float:
-                    out = merge(base, sources, method, scale, svc,
-                                work / "merged" / f"{label}-{scale}")
-                    return mean(evaluate(out, data, "validation"), "exact_match")
-
-                best, scores = choose_scale(LAMBDAS, validation, extend=1)
-                test = evaluate(work / "merged" / f"{label}-{best}", data, "test")
-                rows.append({"method": label, "scale": best, "test": test,
-                             "validation_by_scale": {str(s): v for s, v in scores.items()}})
-                print(f"{label}: λ={best} test exact match {mean(test, 'exact_match'):.3f} "
+                label = variant_label(method_name, methods, METHODS, svc)
+                stage2_merge = method_name == "axis" and svc
+                rows.append(runner.run(label, methods[method_name], svc, keep=stage2_merge))
+                if stage2_merge:
+                    stage2_label = label
+                print(f"{label}: λ={rows[-1]['scale']} test exact match "
+                      f"{mean(rows[-1]['test'], 'exact_match'):.3f} "
                       f"(validation by λ: {rows[-1]['validation_by_scale']})", flush=True)
-                for scale in scores:  # the merged models are 0.5 GB each
-                    if scale != best or not label.startswith("axis"):
-                        _remove(work / "merged" / f"{label}-{scale}")
+        stage2 = None
+        if "axis" in args.methods:
+            stage2 = axis_stage2(work, runner.merged_path(stage2_label), base, tokenizer, scorer)
+            stage2["scale"] = next(r["scale"] for r in rows if r["method"] == stage2_label)
+            print(f"stage 2 on {TARGET}: {json.dumps(stage2)}", flush=True)
 
-        target = load_task(TARGET, **SPLITS)
-        target_test = prompts(tokenizer, target, target.test)
-        axis = next(r for r in rows if r["method"] == "axis+svc")
-        merged = work / "merged" / f"axis+svc-{axis['scale']}"
-        stage2 = {"task": TARGET, "untuned": score(load_model(merged), target_test),
-                  "base": score(load_model(base), target_test)}
-        stage2["tuning"] = tune_on_target(work, merged, base, tokenizer, target)
-        stage2["tuned"] = score(load_model(work / "tuned"), target_test)
-        print(f"stage 2 on {TARGET}: {json.dumps(stage2)}", flush=True)
-
-    individual_test = {n: individual[n]["test_exact_match"] for n in tasks}
     for row in rows:
         row["mean"] = mean(row["test"], "exact_match")
         row["loss"] = mean(row["test"], "loss")
         row["choice"] = mean(row["test"], "choice_accuracy")
-        row["normalized"] = sum(row["test"][n]["exact_match"] / individual_test[n]
-                                for n in tasks) / len(tasks)
+        row["normalized"] = sum(row["test"][n]["exact_match"]
+                                / individual[n]["test"]["exact_match"] for n in tasks) / len(tasks)
     results = {"tasks": list(tasks), "individual": individual, "rows": rows, "stage2": stage2,
-               "lambdas": LAMBDAS, "seconds": round(time.perf_counter() - started, 1)}
-    (work / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+               "lambdas": LAMBDAS, "svc_lambdas": SVC_LAMBDAS, "methods": methods,
+               "evaluation_dtype": "bfloat16",
+               "timings": {k: round(v, 1) for k, v in runner.timings.items()},
+               "fine_tune_seconds": round(fine_tuned_at - started, 1),
+               "seconds": round(time.perf_counter() - started, 1)}
+    (work / args.results).write_text(json.dumps(results, indent=2) + "\n")
     print_tables(results)
-    print(f"total {results['seconds']} s", flush=True)
+    plot([(TITLE.format(len(tasks)), rows)], work / Path(args.results).with_suffix(".png").name)
+    print(f"total {results['seconds']} s (fine-tunes {results['fine_tune_seconds']} s; "
+          f"{results['timings']})", flush=True)
+    return results
 
 
-def _remove(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+def axis_stage2(work: Path, merged: Path, base: Path, tokenizer, scorer) -> dict:
+    """The kept AXIS+SVC merge, its σ tuned on the held-out task, both scored on its test
+    split."""
+    target = load_task(TARGET, **SPLITS)
+    target_test = prompts(tokenizer, target, target.test)
+    stage2 = {"task": TARGET}
+    for label, directory in (("base", base), ("untuned", merged)):
+        scorer.load(read_tensors(directory))
+        stage2[label] = score(scorer.model, target_test)
+    started = time.perf_counter()
+    stage2["tuning"] = tune_on_target(work, merged, base, tokenizer, target)
+    stage2["tuning"]["seconds"] = round(time.perf_counter() - started, 1)
+    scorer.load(read_tensors(work / "tuned"))
+    stage2["tuned"] = score(scorer.model, target_test)
+    return stage2
 
 
 def print_tables(results: dict) -> None:
@@ -148,20 +179,25 @@ def print_tables(results: dict) -> None:
     print("\n| method | λ | mean exact match | normalized | choice accuracy | held-out loss | "
           + " | ".join(tasks) + " |")
     print("| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in tasks) + " |")
-    individual = results["individual"]
-    print("| individual fine-tunes | — | "
-          f"{sum(individual[n]['test_exact_match'] for n in tasks) / len(tasks):.3f} | 1.000 | "
-          f"{sum(individual[n]['test_choice_accuracy'] for n in tasks) / len(tasks):.3f} | "
-          f"{sum(individual[n]['test_loss'] for n in tasks) / len(tasks):.3f} | "
-          + " | ".join(f"{individual[n]['test_exact_match']:.3f}" for n in tasks) + " |")
-    for row in results["rows"]:
+    scores = {n: results["individual"][n]["test"] for n in tasks}
+    individual = {"method": "individual fine-tunes", "scale": None, "test": scores,
+                  "mean": mean(scores, "exact_match"), "normalized": 1.0,
+                  "choice": mean(scores, "choice_accuracy"), "loss": mean(scores, "loss")}
+    for row in [individual, *results["rows"]]:
         print(f"| {row['method']} | {row['scale'] if row['scale'] is not None else '—'} | "
               f"{row['mean']:.3f} | {row['normalized']:.3f} | {row['choice']:.3f} | "
               f"{row['loss']:.3f} | "
               + " | ".join(f"{row['test'][n]['exact_match']:.3f}" for n in tasks) + " |")
     stage2 = results["stage2"]
-    print(f"\nAXIS stage 2 on held-out {stage2['task']}: base {stage2['base']}, untuned merge "
-          f"{stage2['untuned']}, σ-tuned {stage2['tuned']} ({stage2['tuning']})")
+    if stage2 is not None:
+        print(f"\nAXIS stage 2 on held-out {stage2['task']} (AXIS+SVC at λ {stage2['scale']}):")
+        print("\n| model | exact match | choice accuracy | answer loss |")
+        print("| --- | --- | --- | --- |")
+        for key, name in (("base", "base (zero-shot)"), ("untuned", "AXIS+SVC merge, untuned"),
+                          ("tuned", "AXIS+SVC merge, σ tuned on the target task")):
+            print(f"| {name} | {stage2[key]['exact_match']:.3f} | "
+                  f"{stage2[key]['choice_accuracy']:.3f} | {stage2[key]['loss']:.3f} |")
+        print(f"\ntuning: {stage2['tuning']}")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import csv
+import hashlib
 import importlib.util
 import io
 import random
@@ -24,6 +25,16 @@ csv.field_size_limit(2**30)
 class Split:
     texts: list[str]
     labels: list[int]
+
+    def head(self, rows: int) -> Split:
+        return Split(self.texts[:rows], self.labels[:rows])
+
+    def fingerprint(self) -> str:
+        """Names the rows (a cached fine-tune is reused only for the same training rows)."""
+        digest = hashlib.sha256()
+        for text, label in zip(self.texts, self.labels):
+            digest.update(f"{label}\t{text}\n".encode())
+        return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
