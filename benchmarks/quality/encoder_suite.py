@@ -15,13 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
 from encoders import Encoded, EncoderScorer, fine_tune, load_head, tokenizer_of, write_base
-from selection import MethodRunner, read_tensors, variant_label, with_options
+from selection import (
+    MethodRunner,
+    add_suite_arguments,
+    open_work,
+    read_tensors,
+    variant_label,
+    with_options,
+)
 from tasks import SOURCES, load_task
 
 METHODS = {
@@ -48,23 +53,16 @@ TITLE = "MiniLM-L6 encoder, {} tasks merged (test split)"
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="benchmarks/work/quality")
+    add_suite_arguments(parser, "benchmarks/work/quality", "ties.density=0.5")
     parser.add_argument("--tasks", nargs="+", default=list(SOURCES))
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="a method setting other than the default, e.g. ties.density=0.5 "
-                             "(investigations; repeatable)")
     parser.add_argument("--svc-alpha", default="auto", help="SVC's α (default auto = 1/N)")
-    parser.add_argument("--results", default="results.json", help="file name under --work")
     args = parser.parse_args(argv)
     methods = with_options(METHODS, args.option)
     svc_alpha = args.svc_alpha if args.svc_alpha == "auto" else float(args.svc_alpha)
-    torch.set_num_threads(2)
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(f"command: {' '.join(sys.argv)}", flush=True)
+    work = open_work(args.work)
 
     base = write_base(work / "base")
     tokenizer = tokenizer_of(base)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from selection import load_weights
-from tasks import Split, Task, package_dir
+from tasks import Split, Task, cached_metrics, package_dir
 
 MAX_TOKENS = 64
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json",
@@ -68,10 +68,8 @@ def fine_tune(base: Path, task: Task, out: Path, steps: int = 150, batch_size: i
     (retrained when a setting changed)."""
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                 "train": task.train.fingerprint(), "max_tokens": MAX_TOKENS}
-    if (out / "metrics.json").exists():
-        metrics = json.loads((out / "metrics.json").read_text())
-        if metrics.get("settings") == settings:
-            return metrics
+    if (cached := cached_metrics(out, settings)) is not None:
+        return cached
     from transformers import BertModel
 
     torch.manual_seed(seed)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from selection import load_weights
-from tasks import Split, Task, package_dir
+from tasks import Split, Task, cached_metrics, package_dir
 
 TEXT_TOKENS = 24
 # Short questions (prompt length is most of the evaluation's cost) that still name the task and
@@ -118,10 +118,8 @@ def fine_tune(base: Path, task: Task, out: Path, steps: int = 40, batch_size: in
     settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed,
                 "train": task.train.fingerprint(), "text_tokens": TEXT_TOKENS,
                 "question": QUESTIONS[task.name][0]}
-    if (out / "metrics.json").exists():
-        metrics = json.loads((out / "metrics.json").read_text())
-        if metrics.get("settings") == settings:
-            return metrics
+    if (cached := cached_metrics(out, settings)) is not None:
+        return cached
     torch.manual_seed(seed)
     started = time.perf_counter()
     tokenizer = tokenizer_of(base)

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-import torch
 import yaml
 from encoder_suite import METHODS, plot
 from lm import (
@@ -31,7 +29,14 @@ from lm import (
     score,
     tokenizer_of,
 )
-from selection import MethodRunner, read_tensors, variant_label, with_options
+from selection import (
+    MethodRunner,
+    add_suite_arguments,
+    open_work,
+    read_tensors,
+    variant_label,
+    with_options,
+)
 from tasks import load_task
 
 TASKS = ("sms_spam", "movie_sentiment", "trec", "bbc_topic")
@@ -82,20 +87,13 @@ def tune_on_target(work: Path, merged: Path, base: Path, tokenizer, target) -> d
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", default="benchmarks/work/quality-lm")
+    add_suite_arguments(parser, "benchmarks/work/quality-lm", "axis.k=0.1")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="a method setting other than the default, e.g. axis.k=0.1 "
-                             "(investigations; repeatable)")
-    parser.add_argument("--results", default="results.json", help="file name under --work")
     args = parser.parse_args(argv)
     methods = with_options(METHODS, args.option)
-    torch.set_num_threads(2)
-    work = Path(args.work).resolve()
-    work.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print(f"command: {' '.join(sys.argv)}", flush=True)
+    work = open_work(args.work)
 
     base = convert_base(work / "base")
     tokenizer = tokenizer_of(base)

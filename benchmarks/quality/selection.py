@@ -48,6 +48,24 @@ def choose_scale(grid, validation_score: Callable[[float], float],
     return max(scores, key=scores.get), dict(sorted(scores.items()))
 
 
+def add_suite_arguments(parser, default_work: str, option_example: str) -> None:
+    """The command-line arguments both suites take."""
+    parser.add_argument("--work", default=default_work)
+    parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+                        help=f"a method setting other than the default, e.g. {option_example} "
+                             "(investigations; repeatable)")
+    parser.add_argument("--results", default="results.json", help="file name under --work")
+
+
+def open_work(directory: str) -> Path:
+    """The work directory, created; torch on the machine's 2 threads; the command printed."""
+    torch.set_num_threads(2)
+    work = Path(directory).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    return work
+
+
 def with_options(methods: dict, options: list[str]) -> dict:
     """The methods with `METHOD.KEY=VALUE` settings applied (a number where it parses as one)."""
     methods = {name: dict(settings) for name, settings in methods.items()}

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import importlib.util
 import io
+import json
 import random
 import re
 from dataclasses import dataclass
@@ -44,6 +45,16 @@ class Task:
     train: Split
     validation: Split
     test: Split
+
+
+def cached_metrics(directory: Path, settings: dict) -> dict | None:
+    """A fine-tune's metrics.json when it was trained with exactly these settings, else None."""
+    path = directory / "metrics.json"
+    if path.exists():
+        metrics = json.loads(path.read_text())
+        if metrics.get("settings") == settings:
+            return metrics
+    return None
 
 
 def package_dir(name: str) -> Path:
