@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from selection import load_weights
+from selection import Scorer
 from tasks import Split, Task, cached_metrics, package_dir
 
 MAX_TOKENS = 64
@@ -128,25 +128,16 @@ def accuracy(encoder, head: torch.nn.Linear, tokenizer, split: Split | Encoded,
     return correct / len(data.labels)
 
 
-class EncoderScorer:
-    """One encoder (bfloat16 by default: 3-5× faster on a CPU with AVX-512 BF16) whose weights the
-    suite replaces, scored on every task with that task's head."""
+class EncoderScorer(Scorer):
+    """The encoder under evaluation; a task's split is scored with that task's head."""
 
     def __init__(self, base: Path, heads: dict[str, torch.nn.Linear],
                  data: dict[str, dict[str, Encoded]], dtype: torch.dtype = torch.bfloat16) -> None:
-        self.encoder = load_encoder(base, dtype)
-        self.heads, self.data = heads, data
+        super().__init__(load_encoder(base, dtype), data)
+        self.heads = heads
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_weights(self.encoder, tensors)
+    def score_split(self, task: str, data: Encoded) -> float:
+        return accuracy(self.model, self.heads[task], None, data)
 
-    def scores(self, split: str, tasks=None) -> dict[str, float]:
-        return {name: accuracy(self.encoder, self.heads[name], None, self.data[name][split])
-                for name in tasks or self.heads}
-
-    def validation(self) -> float:
-        scores = self.scores("validation")
-        return sum(scores.values()) / len(scores)
-
-    def test(self) -> dict[str, float]:
-        return self.scores("test")
+    def metric(self, score: float) -> float:
+        return score

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from selection import load_weights
+from selection import Scorer
 from tasks import Split, Task, cached_metrics, package_dir
 
 TEXT_TOKENS = 24
@@ -55,8 +55,12 @@ def convert_base(directory: Path) -> Path:
 def prompt_text(tokenizer, task_name: str, text: str) -> str:
     """The prompt as text (for `raymerge tune`'s prompt column): the same tokens `prompts`
     builds."""
-    return tokenizer.decode(tokenizer.encode(text)[:TEXT_TOKENS]) + \
-        f"\n{QUESTIONS[task_name][0]}\nAnswer:"
+    return tokenizer.decode(tokenizer.encode(text)[:TEXT_TOKENS]) + question_suffix(task_name)
+
+
+def question_suffix(task_name: str) -> str:
+    """What follows the text in every prompt of the task."""
+    return f"\n{QUESTIONS[task_name][0]}\nAnswer:"
 
 
 @dataclass
@@ -73,8 +77,8 @@ class Prompts:
 
 
 def prompts(tokenizer, task: Task, split: Split) -> Prompts:
-    question, words = QUESTIONS[task.name]
-    suffix = tokenizer.encode(f"\n{question}\nAnswer:")
+    words = QUESTIONS[task.name][1]
+    suffix = tokenizer.encode(question_suffix(task.name))
     answer_ids = [tokenizer.encode(words[c])[0] for c in task.classes]
     rows = [tokenizer.encode(text)[:TEXT_TOKENS] + suffix for text in split.texts]
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))  # a batch is cut to its longest
@@ -163,23 +167,15 @@ def score(model, data: Prompts, batch_size: int = 50) -> dict[str, float]:
             "loss": loss / count}
 
 
-class LanguageModelScorer:
-    """One SmolLM2 (bfloat16 by default: 3-5× faster on a CPU with AVX-512 BF16) whose weights
-    the suite replaces, scored on every task; λ is selected on mean validation exact match."""
+class LanguageModelScorer(Scorer):
+    """SmolLM2 under evaluation; λ is selected on mean validation exact match."""
 
     def __init__(self, base: Path, data: dict[str, dict[str, Prompts]],
                  dtype: torch.dtype = torch.bfloat16) -> None:
-        self.model, self.data = load_model(base, dtype), data
+        super().__init__(load_model(base, dtype), data)
 
-    def load(self, tensors: dict[str, torch.Tensor]) -> None:
-        load_weights(self.model, tensors)
+    def score_split(self, task: str, data: Prompts) -> dict[str, float]:
+        return score(self.model, data)
 
-    def scores(self, split: str, tasks=None) -> dict[str, dict[str, float]]:
-        return {name: score(self.model, self.data[name][split]) for name in tasks or self.data}
-
-    def validation(self) -> float:
-        scores = self.scores("validation")
-        return sum(s["exact_match"] for s in scores.values()) / len(scores)
-
-    def test(self) -> dict[str, dict[str, float]]:
-        return self.scores("test")
+    def metric(self, score: dict[str, float]) -> float:
+        return score["exact_match"]
