@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raymerge: error: {error}", file=sys.stderr)
         if getattr(args, "json", False):
             print(json.dumps({"status": "error", "error": str(error)}), flush=True)
-        return 2
+        return getattr(error, "exit_status", 2)
     except KeyboardInterrupt:
         print("raymerge: interrupted; nothing was published", file=sys.stderr)
         return 130
@@ -176,6 +176,8 @@ def result_record(prepared, result) -> dict:
         "output_bytes": result.summary["output_bytes"],
         "submission_id": result.summary["submission_id"],
         "resumed_units": result.summary["resumed_units"],
+        "cluster": result.summary["cluster"],
+        "private_cluster": result.summary["private_cluster"],
     }
 
 

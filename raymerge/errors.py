@@ -22,3 +22,13 @@ class SourceError(RaymergeError):
 
 class OutputError(RaymergeError):
     """The output path cannot be written or would overwrite something it should not."""
+
+
+class ClusterError(RaymergeError):
+    """The Ray cluster asked for cannot be reached, or cannot run what the job asks for."""
+
+
+class ClusterLostError(ClusterError):
+    """The cluster went away mid-run. Not the input's fault: the same command resumes."""
+
+    exit_status = 3

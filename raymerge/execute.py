@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from raymerge.errors import SourceError
+from raymerge.errors import ClusterError, SourceError
 from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, build_method
@@ -60,8 +60,11 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         options = replace(job.options, factor_cache=cache)
         method = build_method(job.method, job.weights, options, job.svc_alpha)
         for tensor in unit.tensors:
-            merged, tensor_stats[tensor.name] = _merge_tensor(job, method, tensor.name,
-                                                               TORCH_DTYPES[tensor.output_dtype])
+            try:
+                merged, tensor_stats[tensor.name] = _merge_tensor(
+                    job, method, tensor.name, TORCH_DTYPES[tensor.output_dtype])
+            except torch.cuda.OutOfMemoryError:
+                raise ClusterError(out_of_gpu_memory(unit, tensor.name)) from None
             outputs[tensor.name] = to_numpy_bits(merged)
             del merged
             report = getattr(method, "report", None)
@@ -78,6 +81,15 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         "factor_cache_misses": cache.misses if cache else 0,
     }
     return stats, {"unit": unit.index, "tensors": outputs, "factors": factors}
+
+
+def out_of_gpu_memory(unit: WorkUnit, tensor_name: str) -> str:
+    from raymerge.sizes import format_size
+
+    return (f"unit {unit.name}: the GPU ran out of memory merging tensor {tensor_name} (about "
+            f"{format_size(unit.peak_bytes)} per task estimated); give each task more of the GPU "
+            "(a larger runtime.num_gpus: fewer tasks share it), lower runtime.max_in_flight, or "
+            "merge on the CPU (runtime.device: cpu)")
 
 
 def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):

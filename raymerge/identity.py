@@ -18,7 +18,7 @@ from raymerge.output.manifest import sha256_of
 from raymerge.recipe import Recipe
 
 # Recipe fields that change neither the output bytes nor where they go.
-_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache")}
+_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check")}
 
 
 def checkpoint_identity(checkpoint) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raymerge.dtypes import RECIPE_TO_CODE
-from raymerge.errors import RaymergeError, RecipeError
+from raymerge.errors import ClusterLostError, RaymergeError, RecipeError
 from raymerge.execute import MergeJob
 from raymerge.factor_cache import FactorCacheSpec
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
@@ -86,13 +86,15 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     log behind: the same command resumes it, skipping finished units, to identical bytes. A
     merge that fails on bad input removes its staging directory."""
     from raymerge.distributed.cluster import ray_session
+    from raymerge.distributed.resources import check_task_fits_cluster
     from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
     layout, key = layout_and_key(prepared)
     job = _job(prepared)
     staging = Staging(prepared.target)
-    with ray_session(address):
+    with ray_session(address) as session:
+        check_task_fits_cluster(recipe.runtime)
         refuse_concurrent_writer(staging.path)  # before touching another merge's directory
         hasher = SourceHasher([prepared.base, *prepared.sources])
         try:
@@ -100,12 +102,18 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
             check_free_space(directory, layout)
             unit_stats, seconds, resumed = _merge_units(job, plan, layout, directory, key,
                                                         recipe.runtime, show_progress)
-            summary = _summary(plan, unit_stats, seconds) | {"resumed_units": resumed}
+            summary = _summary(plan, unit_stats, seconds) | {
+                "resumed_units": resumed, "cluster": session.address,
+                "private_cluster": session.private}
             hashes = hasher.result()
             summary["submission_id"] = submission_id(recipe, identities_of(prepared))
             with disk_errors(directory, "writing metadata"):
                 _write_metadata(prepared, directory, layout, unit_stats, summary, hashes)
                 staging.publish()
+        except ClusterLostError as error:  # not the input's fault: keep what is done
+            hasher.cancel()
+            raise ClusterLostError(f"{error}; the finished units are kept in {staging.path}: "
+                                   "rerun the same command to resume") from None
         except RaymergeError:  # bad input or output: nothing to resume
             hasher.cancel()
             staging.discard()
@@ -192,7 +200,10 @@ def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, key: str, r
             run_units(job, todo, writer, runtime, done)
         ray.get(writer.close.remote())
     finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
-        ray.kill(writer)
+        try:
+            ray.kill(writer)
+        except Exception:  # the cluster is gone, and the writer with it
+            pass
     return unit_stats, time.perf_counter() - started, len(finished)
 
 

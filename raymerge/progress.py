@@ -41,6 +41,8 @@ def format_summary(summary: dict, output: str) -> str:
         f"  bytes written        {format_size(summary['output_bytes'])}",
         f"  peak memory per task {format_size(summary['peak_task_bytes_measured'])} measured, "
         f"{format_size(summary['peak_task_bytes_estimated'])} estimated",
+        f"  Ray cluster          {summary['cluster']}"
+        f"{' (private, started for this run)' if summary['private_cluster'] else ''}",
     ])
 
 

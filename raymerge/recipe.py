@@ -88,6 +88,8 @@ class RuntimeSpec(StrictModel):
     max_in_flight: int = Field(4, ge=1)
     # a directory (shared by every node) caching per-source spectral factors across merges
     factor_cache: str | None = None
+    # refuse a task no node can hold (false on a cluster whose autoscaler adds nodes on demand)
+    resource_check: bool = True
 
     @field_validator("memory", mode="before")
     @classmethod

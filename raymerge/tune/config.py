@@ -43,8 +43,10 @@ class TuneConfig(StrictModel):
     batch_size: int = Field(8, ge=1)
     seq_len: int = Field(128, ge=2)
     num_workers: int = Field(2, ge=0)  # 0: Ray Train's local mode, in the driver
-    cpus_per_worker: float = Field(1.0, gt=0)
+    # None (auto): 1, or less on a cluster too small for the workers and Ray Data beside them
+    cpus_per_worker: float | None = Field(None, gt=0)
     use_gpu: bool = False
+    resource_check: bool = True  # false on a cluster whose autoscaler adds nodes on demand
     max_failures: int = Field(2, ge=0)
     output: str = "./tuned"
     storage_path: str = "./raymerge_tune_runs"

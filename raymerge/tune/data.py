@@ -8,6 +8,12 @@ from pathlib import Path
 import numpy as np
 
 IGNORE = -100
+# Ray Data's own share of the cluster beside the training workers: its read tasks and the packing
+# actor, a quarter CPU each (a read task asks for a whole CPU by default, which a cluster whose
+# CPUs the workers hold never has).
+READ_CPUS = 0.25
+PACK_CPUS = 0.25
+DATA_CPUS = READ_CPUS + PACK_CPUS
 
 
 def read_text_dataset(path: str):
@@ -16,9 +22,10 @@ def read_text_dataset(path: str):
 
     location = Path(path)
     files = sorted(location.rglob("*")) if location.is_dir() else [location]
+    remote_args = {"num_cpus": READ_CPUS}
     if any(f.suffix == ".parquet" for f in files):
-        return ray.data.read_parquet(str(location))
-    return ray.data.read_json(str(location), lines=True)
+        return ray.data.read_parquet(str(location), **remote_args)
+    return ray.data.read_json(str(location), lines=True, **remote_args)
 
 
 class Packer:
@@ -73,6 +80,6 @@ def packed_datasets(config, tokenizer_path: str):
                                                    seed=config.seed)
     packer_args = dict(fn_constructor_args=(tokenizer_path, config.seq_len, data.text_column,
                                             data.prompt_column, data.response_column),
-                       batch_size=256, concurrency=1, num_cpus=0.5)
+                       batch_size=256, concurrency=1, num_cpus=PACK_CPUS)
     return (train.map_batches(Packer, **packer_args),
             evaluation.map_batches(Packer, **packer_args))

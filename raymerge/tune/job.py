@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from ..errors import RaymergeError
 from ..output.staging import check_output_path
 from .config import TuneConfig
-from .data import packed_datasets
+from .data import DATA_CPUS, packed_datasets
 from .fold import write_folded_checkpoint
 from .train import PROGRESS_FILE, SIGMA_FILE, folded_weights, train_loop
 
@@ -27,12 +27,14 @@ def run_tune(settings: TuneConfig, address: str | None = None,
 
     merged, target = Path(settings.merged).resolve(), Path(settings.output).resolve()
     check_output_path(target, [merged, Path(settings.base).resolve()])
+    check_tokenizer(merged)
     settings = settings.model_copy(update={
         "merged": str(merged), "base": str(Path(settings.base).resolve()),
         "storage_path": str(Path(settings.storage_path).resolve())})
     run_name = settings.run_name or f"tune-{merged.name}"
     started = time.perf_counter()
     with ray_session(address):
+        settings = fit_to_cluster(settings)
         train, evaluation = packed_datasets(settings, str(merged))
         trainer = TorchTrainer(
             train_loop,
@@ -68,6 +70,49 @@ def run_tune(settings: TuneConfig, address: str | None = None,
     write_folded_checkpoint(merged, target, folded_weights(settings, sigmas),
                             {"tuning": report}, _card(settings, report))
     return {**report, "output": str(target), "sigmas": sigmas}
+
+
+def check_tokenizer(merged: Path) -> None:
+    """The training text is tokenized with the merged checkpoint's tokenizer: refuse a
+    checkpoint without one before any cluster work."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(merged, trust_remote_code=False)
+    except Exception as error:  # transformers raises OSError, ValueError, TypeError ...
+        from ..recipe import one_line
+
+        raise RaymergeError(
+            f"merged {merged} has no usable tokenizer ({one_line(error)[:200]}); copy the base "
+            "model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) into it"
+        ) from None
+
+
+def fit_to_cluster(settings: TuneConfig) -> TuneConfig:
+    """cpus_per_worker chosen when left out (1, or what the cluster leaves beside Ray Data),
+    then every worker and Ray Data's share placed on the cluster's nodes: a job that can never
+    be scheduled fails now, in one line, instead of waiting forever."""
+    from ..distributed.resources import check_placeable, node_resources
+
+    if not settings.resource_check:
+        return settings if settings.cpus_per_worker else settings.model_copy(
+            update={"cpus_per_worker": 1.0})
+    nodes = node_resources()
+    cpus = settings.cpus_per_worker
+    if cpus is None:
+        spare = sum(node["CPU"] for node in nodes) - DATA_CPUS
+        largest = max((node["CPU"] for node in nodes), default=0.0)
+        fitting = min(spare / max(1, settings.num_workers), largest)
+        cpus = max(0.25, min(1.0, int(fitting * 4) / 4))  # in quarter CPUs
+    workers = [{"CPU": cpus, "GPU": 1.0 if settings.use_gpu else 0.0}] * settings.num_workers
+    check_placeable(
+        f"the tuning job ({settings.num_workers} workers × {cpus:g} CPU"
+        f"{' + 1 GPU' if settings.use_gpu else ''}, and {DATA_CPUS:g} CPU for Ray Data)",
+        [*workers, {"CPU": DATA_CPUS, "GPU": 0.0}],
+        {"CPU": "cpus_per_worker", "GPU": "use_gpu"},
+        "lower num_workers or cpus_per_worker, set use_gpu: false on a cluster without GPUs, "
+        "or add nodes (resource_check: false on an autoscaling cluster)", nodes)
+    return settings.model_copy(update={"cpus_per_worker": cpus})
 
 
 def _trainable(settings: TuneConfig, sigmas: dict) -> int:

@@ -54,12 +54,17 @@ def on_unit_done(monkeypatch, action) -> list:
 
 
 def kill_processes(title: str) -> list[int]:
-    """SIGKILL every Ray process whose title names `title`; their pids."""
+    """SIGKILL the processes of this test session's own Ray cluster (descendants of this
+    process: the session cluster's raylet is its child, and workers are the raylet's) whose
+    title names `title`; their pids. Another merge or test run on the machine is never hit."""
     killed = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        if any(title in part for part in process.info["cmdline"] or []):
-            os.kill(process.info["pid"], signal.SIGKILL)
-            killed.append(process.info["pid"])
+    for process in psutil.Process().children(recursive=True):
+        try:
+            if any(title in part for part in process.cmdline()):
+                process.send_signal(signal.SIGKILL)
+                killed.append(process.pid)
+        except psutil.NoSuchProcess:
+            continue
     return killed
 
 

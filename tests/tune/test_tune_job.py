@@ -82,3 +82,59 @@ def test_a_rerun_with_the_same_name_continues(axis_merge, tmp_path):
                                run_name="continued", output=str(tmp_path / "tuned-2")))
     assert (again["epochs"], again["starts"], again["steps"]) == (2, 2, 8)
     assert again["eval_loss_before"] == first["eval_loss_before"]
+
+
+def _tune_yaml(axis_merge, tmp_path, **overrides):
+    """A TUNE.yaml with the README's defaults for workers and CPUs unless overridden."""
+    from helpers import write_recipe
+
+    return write_recipe(tmp_path / "tune.yaml", {
+        "merged": str(axis_merge["merged"]), "base": str(axis_merge["base"]),
+        "data": {"train": str(axis_merge["data"]), "eval_fraction": 0.2},
+        "n": 4, "epochs": 1, "max_steps": 2, "batch_size": 8, "seq_len": 16,
+        "output": str(tmp_path / "tuned"), "storage_path": str(tmp_path / "runs"), **overrides})
+
+
+def test_the_readme_defaults_finish_on_a_two_cpu_cluster(axis_merge, tmp_path, capsys):
+    from raymerge.cli import main
+    from raymerge.tune.config import load_tune_config
+
+    config = _tune_yaml(axis_merge, tmp_path)
+    settings = load_tune_config(config)
+    assert (settings.num_workers, settings.cpus_per_worker) == (2, None)  # the defaults
+    assert main(["tune", str(config)]) == 0  # the session cluster has 2 CPUs
+    assert "2 steps" in capsys.readouterr().out
+    assert (tmp_path / "tuned" / "model.safetensors.index.json").exists()
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"cpus_per_worker": 4}, "cpus_per_worker asks for 4 CPU and no node has more than 2 CPU"),
+    ({"num_workers": 3, "cpus_per_worker": 1}, "together it needs 3.5 CPU"),
+    ({"use_gpu": True}, "use_gpu asks for 1 GPU and no node has more than 0 GPU"),
+])
+def test_a_tune_the_cluster_can_never_hold_fails_at_once(axis_merge, tmp_path, capsys,
+                                                         overrides, expected):
+    import time
+
+    from raymerge.cli import main
+
+    started = time.monotonic()
+    assert main(["tune", str(_tune_yaml(axis_merge, tmp_path, **overrides))]) == 2
+    assert time.monotonic() - started < 30
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "the tuning job" in error and expected in error
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_tune_on_a_checkpoint_without_a_tokenizer_is_one_line(axis_merge, tmp_path, capsys):
+    import shutil
+
+    from raymerge.cli import main
+
+    bare = tmp_path / "bare"
+    shutil.copytree(axis_merge["merged"], bare,
+                    ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    assert main(["tune", str(_tune_yaml(axis_merge, tmp_path, merged=str(bare)))]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"merged {bare} has no usable tokenizer" in error
+    assert "copy the base model's tokenizer files" in error

@@ -1,0 +1,89 @@
+"""What a job asks of the cluster against what the cluster's nodes have, before anything starts.
+
+Ray keeps a task or actor that no node can ever hold pending forever (a warning in a log, no
+error). So a merge's task and a tuning job's workers, with Ray Data's own tasks beside them, are
+placed on the nodes' total resources first-fit; what cannot be placed is a one-line ClusterError
+naming what is missing. On a cluster that starts nodes on demand (an autoscaler), the check is
+turned off with `runtime.resource_check: false` (merge) or `resource_check: false` (tune)."""
+
+from __future__ import annotations
+
+from raymerge.errors import ClusterError
+from raymerge.sizes import format_size
+
+Bundle = dict[str, float]  # resource name -> amount, as Ray's num_cpus / num_gpus / memory
+
+
+def node_resources() -> list[Bundle]:
+    """Total CPU, GPU and memory of every alive node of the connected cluster."""
+    import ray
+
+    return [{key: float(node["Resources"].get(key, 0.0)) for key in ("CPU", "GPU", "memory")}
+            for node in ray.nodes() if node["Alive"]]
+
+
+def unplaced(bundles: list[Bundle], nodes: list[Bundle]) -> list[Bundle]:
+    """The bundles that do not fit when placed largest first, each on the first node with room."""
+    free = [dict(node) for node in nodes]
+    left = []
+    for bundle in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b.get("CPU", 0))):
+        node = next((n for n in free if all(n.get(k, 0) + 1e-9 >= v for k, v in bundle.items())),
+                    None)
+        if node is None:
+            left.append(bundle)
+            continue
+        for key, value in bundle.items():
+            node[key] = node.get(key, 0) - value
+    return left
+
+
+def describe(bundle: Bundle) -> str:
+    parts = []
+    for key, value in bundle.items():
+        if key == "memory":
+            parts.append(f"{format_size(int(value))} memory")
+        elif value or len(bundle) == 1:
+            parts.append(f"{value:g} {key}")
+    return ", ".join(parts) or "nothing"
+
+
+def describe_nodes(nodes: list[Bundle]) -> str:
+    if not nodes:
+        return "no alive node"
+    return "; ".join(f"node {index + 1}: {describe(node)}" for index, node in enumerate(nodes))
+
+
+def check_placeable(what: str, bundles: list[Bundle], settings: dict[str, str], fix: str,
+                    nodes: list[Bundle] | None = None) -> None:
+    """ClusterError when the cluster's nodes can never hold all `bundles` at once. `settings`
+    names the setting that asks for each resource (CPU -> runtime.num_cpus, ...)."""
+    nodes = node_resources() if nodes is None else nodes
+    left = unplaced(bundles, nodes)
+    if not left:
+        return
+    part = left[0]
+    largest = {key: max((node.get(key, 0.0) for node in nodes), default=0.0) for key in part}
+    short = [key for key, amount in part.items() if amount > largest[key] + 1e-9]
+    if short:
+        missing = "; ".join(f"{settings[key]} asks for {describe({key: part[key]})} and no node "
+                            f"has more than {describe({key: largest[key]})}"
+                            for key in short)
+    else:
+        total = {key: sum(b.get(key, 0.0) for b in bundles) for key in part}
+        missing = (f"together it needs {describe(total)} and the nodes cannot hold all of it "
+                   f"at once; lower {' or '.join(settings[key] for key in part if total[key])}")
+    raise ClusterError(f"{what} cannot be scheduled: {missing} ({describe_nodes(nodes)}); {fix}")
+
+
+def check_task_fits_cluster(runtime) -> None:
+    """A merge task (runtime.num_cpus, num_gpus, memory) must fit on at least one node."""
+    if not runtime.resource_check:
+        return
+    task: Bundle = {"CPU": runtime.num_cpus, "GPU": runtime.num_gpus}
+    if runtime.memory:
+        task["memory"] = float(runtime.memory)
+    check_placeable("a merge task", [task],
+                    {"CPU": "runtime.num_cpus", "GPU": "runtime.num_gpus",
+                     "memory": "runtime.memory"},
+                    "lower it, or add a node that has it (runtime.resource_check: false on an "
+                    "autoscaling cluster)")
