@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from raymerge.execute import MergeJob, merge_unit
 from raymerge.methods import MergeOptions
 from raymerge.plan import make_plan
-from raymerge.recipe import MethodSpec
+from raymerge.recipe import method_settings
 from raymerge.sources import Checkpoint
 from raymerge.spectral.svd import exact_svd, randomized_svd
 from raymerge.synthetic import llama_config, llama_shapes
@@ -71,7 +71,7 @@ def job_for(base: Path, sources: list[Path], method: dict, device: str, svc: boo
     checkpoints = [Checkpoint.open(str(p), p) for p in sources]
     plan = make_plan(base_checkpoint, checkpoints, output_dtype=output_dtype, passes=1 + svc)
     job = MergeJob(base=base_checkpoint, sources=checkpoints, weights=[1.0] * len(sources),
-                   method=MethodSpec(**method), options=MergeOptions(svd="auto"),
+                   method=method_settings(method), options=MergeOptions(svd="auto"),
                    svc_alpha=1.0 / len(sources) if svc else None, device=device,
                    num_threads=threads)
     return job, plan
@@ -117,7 +117,8 @@ def compare_devices(root: Path) -> list[str]:
     lines = []
     for method, svc in [("task_arithmetic", False), ("ties", False), ("axis", True),
                         ("tsv", True), ("iso_c", False), ("iso_cts", True)]:
-        settings = {"name": method, "k": 0.25, "density": 0.5}
+        settings = {"name": method, **{"axis": {"k": 0.25}, "ties": {"density": 0.5}}.get(
+            method, {})}
         results = {}
         for device in ("cpu", DEVICE):
             job, plan = job_for(base, sources, settings, device, svc, threads=4,

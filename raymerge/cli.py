@@ -95,19 +95,24 @@ def _prepare(args: argparse.Namespace):
 
 
 def _plan(args: argparse.Namespace) -> int:
-    from raymerge.progress import format_plan
-
-    print(format_plan(_prepare(args).plan))
+    print(_plan_text(_prepare(args)))
     return 0
+
+
+def _plan_text(prepared) -> str:
+    from raymerge.progress import format_plan
+    from raymerge.resolved import resolved_parameters
+
+    return format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan))
 
 
 def _merge(args: argparse.Namespace) -> int:
     from raymerge.merge import run_merge
-    from raymerge.progress import format_plan, format_summary
+    from raymerge.progress import format_summary
 
     prepared = _prepare(args)
     if args.dry_run:
-        print(format_plan(prepared.plan))
+        print(_plan_text(prepared))
         return 0
     result = run_merge(prepared, address=args.address, show_progress=not args.no_progress)
     print(format_summary(result.summary, str(result.output)))
@@ -181,6 +186,9 @@ def result_record(prepared, result) -> dict:
     }
 
 
+DEMO_SETTINGS = {"ties": {"density": 0.5}, "dare": {"p": 0.5}}
+
+
 def _demo(args: argparse.Namespace) -> int:
     import yaml
 
@@ -196,7 +204,7 @@ def _demo(args: argparse.Namespace) -> int:
     recipe = {
         "base": str(base),
         "sources": [str(root / f"ft-{index}") for index in range(3)],
-        "method": {"name": args.method, "density": 0.5, "p": 0.5},
+        "method": {"name": args.method, **DEMO_SETTINGS.get(args.method, {})},
         "output": {"path": str(root / "merged"), "dtype": "bfloat16"},
     }
     recipe_path = root / "recipe.yaml"

@@ -16,9 +16,9 @@ from safetensors import SafetensorError, safe_open
 from raymerge.errors import ClusterError, SourceError
 from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
-from raymerge.methods import MergeOptions, build_method
-from raymerge.plan import WorkUnit, check_fits
-from raymerge.recipe import MethodSpec
+from raymerge.methods import MergeOptions, Method, build_method
+from raymerge.plan import TensorTask, WorkUnit, check_fits
+from raymerge.settings import MethodSettings, settings_for_tensor
 from raymerge.sources.checkpoint import Checkpoint
 from raymerge.sources.lora import LoraAdapter
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
@@ -33,8 +33,8 @@ class MergeJob:
 
     base: Checkpoint
     sources: list[Checkpoint | LoraAdapter]
-    weights: list[float]
-    method: MethodSpec
+    weights: list[Any]  # w_i: numbers, or gradients / filter lists resolved per tensor
+    method: MethodSettings  # as the recipe gives it; resolved per tensor
     options: MergeOptions = MergeOptions()
     svc_alpha: float | None = None  # calibrate with SVC when set
     compute_dtype: str = "float32"
@@ -42,6 +42,14 @@ class MergeJob:
     num_threads: int | None = None
     factor_cache: FactorCacheSpec | None = None  # per-source spectral factors across merges
     memory: int | None = None  # bytes the task asked Ray for; a unit that cannot fit is refused
+    source_parameters: list[dict[str, Any]] | None = None  # each source's own method keys
+
+    def method_for(self, tensor: TensorTask, options: MergeOptions) -> Method:
+        """The method for one tensor, its settings resolved at the tensor's name and layer."""
+        settings, source_settings, weights = settings_for_tensor(
+            self.method, self.source_parameters or [{}] * len(self.sources), self.weights,
+            tensor.name, tensor.layer_position)
+        return build_method(settings, weights, options, self.svc_alpha, source_settings)
 
 
 def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -58,8 +66,8 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
     with PeakMemory() as memory, torch.inference_mode():
         cache = FactorCache(job.factor_cache) if job.factor_cache else None
         options = replace(job.options, factor_cache=cache)
-        method = build_method(job.method, job.weights, options, job.svc_alpha)
         for tensor in unit.tensors:
+            method = job.method_for(tensor, options)
             try:
                 merged, tensor_stats[tensor.name] = _merge_tensor(
                     job, method, tensor.name, TORCH_DTYPES[tensor.output_dtype])
@@ -67,9 +75,8 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
                 raise ClusterError(out_of_gpu_memory(unit, tensor.name)) from None
             outputs[tensor.name] = to_numpy_bits(merged)
             del merged
-            report = getattr(method, "report", None)
-            if report is not None and report.save_factors and report.factors is not None:
-                factors[tensor.name] = dict(zip("USV", map(to_numpy_bits, report.factors)))
+            if method.report.save_factors and method.report.factors is not None:
+                factors[tensor.name] = dict(zip("USV", map(to_numpy_bits, method.report.factors)))
     stats = {
         "unit": unit.index,
         "name": unit.name,
@@ -92,49 +99,44 @@ def out_of_gpu_memory(unit: WorkUnit, tensor_name: str) -> str:
             "merge on the CPU (runtime.device: cpu)")
 
 
-def _merge_tensor(job: MergeJob, method, name: str, output_dtype: torch.dtype):
+def _merge_tensor(job: MergeJob, method: Method, name: str, output_dtype: torch.dtype):
     compute_dtype = TORCH_DTYPES["F64" if job.compute_dtype == "float64" else "F32"]
     base = torch.empty(job.base.tensors[name].shape, dtype=compute_dtype, device=job.device)
     _read_into(base, job.base, name)
     delta = torch.empty_like(base)  # one buffer for every source: no allocation per source
     method.begin(name, base)  # sets the number of passes this tensor needs
-    cached_update = getattr(method, "cached_update", None)
     for pass_index in range(method.passes):
         for source_index, source in enumerate(job.sources):
             if isinstance(source, LoraAdapter):
                 _update_from_lora(method, pass_index, source_index, source, name, delta)
-            elif cached_update is not None and cached_update(pass_index, source_index):
+            elif method.cached_update(pass_index, source_index):
                 continue  # this source's factors came from the cache: nothing to read
             else:
                 _read_into(delta, source, name, minus=base)
                 method.update(pass_index, source_index, delta)
     del delta
     merged_delta = method.finish()
-    if not getattr(method, "applies_scale", False):
-        merged_delta.mul_(job.method.scale)
-    report = getattr(method, "report", None)
+    if not method.applies_scale:
+        merged_delta.mul_(method.settings.scale)
     stats = {
         "delta_rms": float(merged_delta.square().mean().sqrt()),
         "delta_max_abs": float(merged_delta.abs().max()),
-        **(report.stats if report is not None else {}),
+        **method.report.stats,
     }
     merged = base.add_(merged_delta).to(output_dtype)
     return merged, stats
 
 
-def _update_from_lora(method, pass_index: int, source_index: int, adapter: LoraAdapter,
+def _update_from_lora(method: Method, pass_index: int, source_index: int, adapter: LoraAdapter,
                       name: str, delta: torch.Tensor) -> None:
-    """A LoRA source in factored form, Δ = left·rightᵀ, for methods that take it; otherwise (or
-    for a tensor the adapter does not touch) as a dense delta."""
+    """A LoRA source in factored form, Δ = left·rightᵀ (the method uses the factors or forms
+    the product); a tensor the adapter does not touch has Δ = 0."""
     factors = adapter.factors(name, delta.dtype, delta.device)
     if factors is None:
         delta.zero_()
-    elif hasattr(method, "update_factored"):
-        method.update_factored(pass_index, source_index, *factors)
-        return
+        method.update(pass_index, source_index, delta)
     else:
-        torch.matmul(factors[0], factors[1].mT, out=delta)
-    method.update(pass_index, source_index, delta)
+        method.update_factored(pass_index, source_index, *factors)
 
 
 def _read_into(target: torch.Tensor, checkpoint: Checkpoint, name: str,

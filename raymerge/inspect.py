@@ -24,8 +24,8 @@ def inspect_checkpoint(directory: Path, pattern: str | None = None) -> str:
         method = manifest["method"]
         lines.append(f"merged by raymerge {manifest['versions']['raymerge']}: {method['name']} of "
                      f"{len(manifest['sources'])} sources, scale {method['scale']}")
-    if (directory / STATS_NAME).exists():
-        lines += _stats_rows(directory, names)
+    if (directory / STATS_NAME).exists() and (directory / MANIFEST_NAME).exists():
+        lines += _stats_rows(directory, names, manifest["method"]["name"])
     else:
         lines.append(f"{'tensor':<50} {'dtype':>6} shape")
         lines += [f"{n:<50} {checkpoint.tensors[n].dtype:>6} {list(checkpoint.tensors[n].shape)}"
@@ -33,25 +33,33 @@ def inspect_checkpoint(directory: Path, pattern: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def _stats_rows(directory: Path, names: list[str]) -> list[str]:
-    table = read_stats_table(directory / STATS_NAME).to_pylist()
+def _stats_rows(directory: Path, names: list[str], method: str) -> list[str]:
+    """One row per tensor with the statistics the method (and SVC, when it ran) declares for
+    `inspect`."""
+    from raymerge.methods import statistics_of
+
+    table = read_stats_table(directory / STATS_NAME)
+    calibrated = "svc_gamma_min" in table.column_names
+    shown = [stat for stat in statistics_of(method, calibrated)
+             if stat.header and stat.key in table.column_names]
+    widths = [max(9, len(stat.header)) for stat in shown]
+    rows = [f"{'tensor':<46} " + " ".join(f"{stat.header:>{width}}"
+                                          for stat, width in zip(shown, widths))]
     wanted = set(names)
-    rows = [f"{'tensor':<46} {'Δ rms':>9} {'rank':>5} {'energy':>7} {'γ min':>7} {'γ med':>7} "
-            f"{'γ max':>7}  selected per source"]
-    for row in table:
-        if row["tensor"] not in wanted:
-            continue
-        rows.append(
-            f"{row['tensor']:<46} {row['delta_rms']:>9.2e} {_num(row['axis_rank'], 'd'):>5} "
-            f"{_num(row['axis_energy_kept'], '.3f'):>7} {_num(row['svc_gamma_min'], '.3f'):>7} "
-            f"{_num(row['svc_gamma_median'], '.3f'):>7} {_num(row['svc_gamma_max'], '.3f'):>7}  "
-            f"{row['axis_selected_per_source'] or ''}"
-        )
+    for row in table.to_pylist():
+        if row["tensor"] in wanted:
+            cells = [_cell(row[stat.key], stat.spec) for stat in shown]
+            rows.append(f"{row['tensor']:<46} " + " ".join(f"{cell:>{width}}"
+                                                         for cell, width in zip(cells, widths)))
     return rows
 
 
-def _num(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _cell(value, spec: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return str(value)
+    return format(value, spec)
 
 
 def plot_spectra(directory: Path, output: Path, pattern: str | None = None,

@@ -12,7 +12,8 @@ from raymerge.errors import ClusterLostError, RaymergeError, RecipeError
 from raymerge.execute import MergeJob
 from raymerge.factor_cache import FactorCacheSpec
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
-from raymerge.methods import METHODS, MergeOptions
+from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of
+from raymerge.methods.calibrated import SVC_PAPER
 from raymerge.output.card import model_card
 from raymerge.output.files import copy_tokenizer, write_config
 from raymerge.output.hub import commit_message, push_to_hub
@@ -60,22 +61,28 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     target = Path(out or recipe.output.path).expanduser().resolve()
     check_output_path(target, [base.directory, *(source.directory for source in sources)])
     _device(recipe)  # refuse a device the resources cannot give, before planning
-    method = METHODS[recipe.method.name]
-    if hasattr(method, "check"):  # e.g. K or N too large for a matrix's rank: refuse now
-        shapes = {name: info.shape for name, info in base.tensors.items()}
-        method.check(recipe.method, shapes, len(sources), _options(recipe))
-    calibrating = recipe.svc_alpha() is not None
+    passes, state_tensors = footprint(recipe.method.name, recipe.svc_alpha() is not None)
     plan = make_plan(
         base,
         sources,
         output_dtype=RECIPE_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None,
         compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
-        passes=getattr(method, "matrix_passes", getattr(method, "passes", 1)) + calibrating,
-        state_tensors=method.state_tensors + calibrating,
+        passes=passes,
+        state_tensors=state_tensors,
     )
+    _check_method(recipe, plan, len(sources))
     for unit in plan.units:  # refuse a task memory the largest unit cannot fit in
         check_fits(unit, recipe.runtime.memory)
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan)
+
+
+def _check_method(recipe: Recipe, plan: Plan, num_sources: int) -> None:
+    """The method's own refusals (K or N too large for a matrix's rank, ...), per tensor with
+    the settings resolved for it: before any tensor is read."""
+    method, options = METHODS[recipe.method.name], _options(recipe)
+    for tensor in plan.tensors:
+        settings = recipe.method.at(tensor.name, tensor.layer_position)
+        method.check(settings, {tensor.name: tensor.shape}, num_sources, options)
 
 
 def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
@@ -134,6 +141,7 @@ def _job(prepared: Prepared) -> MergeJob:
         base=prepared.base,
         sources=prepared.sources,
         weights=[source.weight for source in recipe.sources],
+        source_parameters=[source.parameters for source in recipe.sources],
         method=recipe.method,
         options=_options(recipe),
         svc_alpha=recipe.svc_alpha(),
@@ -243,25 +251,40 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     copy_tokenizer(base.directory, directory)
     (directory / "raymerge_recipe.yaml").write_text(recipe.to_yaml())
     revisions = {c.label: c.revision for c in [base, *prepared.sources]}
-    (directory / "README.md").write_text(model_card(recipe, revisions, summary))
+    method = METHODS[recipe.method.name]
+    title, paper = method.title, method.paper
+    if recipe.svc_alpha() is not None:
+        title, paper = f"{title}, then SVC (α = {recipe.svc_alpha():g})", f"{paper}; {SVC_PAPER}"
+    (directory / "README.md").write_text(model_card(recipe, revisions, summary, title, paper))
     tensor_stats = {}
     for stats in sorted(unit_stats, key=lambda s: s["unit"]):
         tensor_stats.update(stats["tensors"])
-    write_stats_table(directory / STATS_NAME, tensor_stats)
+    statistics = statistics_of(recipe.method.name, recipe.svc_alpha() is not None)
+    write_stats_table(directory / STATS_NAME, tensor_stats, statistics)
     manifest = {
         "format": "raymerge-manifest/1",
         "submission_id": summary["submission_id"],
         "created_unix": int(time.time()),
         "versions": library_versions(),
         "method": recipe.method.model_dump(mode="json"),
+        "calibration": _calibration(recipe),
         "base": describe_checkpoint(base, hashes),
         "identities": identities_of(prepared),
         "sources": [
-            describe_checkpoint(source, hashes, weight=spec.weight)
+            describe_checkpoint(source, hashes, **spec.model_dump(mode="json", exclude={"path"}))
             for source, spec in zip(prepared.sources, recipe.sources)
         ],
         "output": {"shards": [s.file_name for s in layout.shards], "total_size": layout.total_size},
         "summary": summary,
-        "tensors": {name: manifest_stats(stats) for name, stats in tensor_stats.items()},
+        "tensors": {name: manifest_stats(stats, statistics)
+                    for name, stats in tensor_stats.items()},
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _calibration(recipe: Recipe) -> dict | None:
+    """SVC's settings as applied: α and where it comes from (auto: the authors' per method)."""
+    if recipe.svc_alpha() is None:
+        return None
+    alpha, rule = recipe.svc_alpha_rule()
+    return {"method": "svc", "alpha": alpha, "alpha_rule": rule}

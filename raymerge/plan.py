@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from raymerge.dtypes import ITEM_SIZES
-from raymerge.roles import block_of, natural_key
+from raymerge.roles import block_of, layer_positions, natural_key
 
 if TYPE_CHECKING:  # the writer actor imports this module; it needs no torch
     from raymerge.sources.checkpoint import Checkpoint
@@ -23,6 +23,7 @@ class TensorTask:
     shape: tuple[int, ...]
     base_dtype: str
     output_dtype: str
+    layer_position: float = 0.0  # t ∈ [0, 1], where parameter gradients are evaluated
 
     @property
     def numel(self) -> int:
@@ -93,6 +94,7 @@ def make_plan(
     grouped = list(groups.items()) + _pack_loose(base, loose, target)
     grouped.sort(key=lambda item: natural_key(item[1][0]))
 
+    positions = layer_positions(names)
     units = []
     for index, (unit_name, tensor_names) in enumerate(grouped):
         tensors = tuple(
@@ -101,6 +103,7 @@ def make_plan(
                 shape=base.tensors[name].shape,
                 base_dtype=base.tensors[name].dtype,
                 output_dtype=output_dtype or base.tensors[name].dtype,
+                layer_position=positions[name],
             )
             for name in tensor_names
         )

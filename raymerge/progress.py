@@ -46,11 +46,16 @@ def format_summary(summary: dict, output: str) -> str:
     ])
 
 
-def format_plan(plan: Plan) -> str:
-    rows = [f"{'unit':<40} {'tensors':>7} {'read':>11} {'est. peak':>11}"]
+def format_plan(plan: Plan, parameters: dict[int, str] | None = None) -> str:
+    """The units with their bytes and memory; with `parameters` (unit index -> the resolved
+    values of the parameters that vary), those too."""
+    parameters = parameters or {}
+    rows = [f"{'unit':<40} {'tensors':>7} {'read':>11} {'est. peak':>11}"
+            + ("  parameters" if parameters else "")]
     for unit in plan.units:
         rows.append(f"{unit.name:<40} {len(unit.tensors):>7} {format_size(unit.read_bytes):>11} "
-                    f"{format_size(unit.peak_bytes):>11}")
+                    f"{format_size(unit.peak_bytes):>11}"
+                    + (f"  {parameters[unit.index]}" if unit.index in parameters else ""))
     rows.append(f"{len(plan.units)} units, {len(plan.tensors)} tensors, {plan.num_sources} sources;"
                 f" read {format_size(plan.read_bytes)}, write {format_size(plan.output_bytes)},"
                 f" peak memory per task ≈ {format_size(plan.peak_bytes)}")

@@ -1,57 +1,78 @@
-"""The merge recipe: pydantic models, loading of our YAML and of mergekit's."""
+"""The merge recipe: pydantic models, loading of our YAML and of mergekit's.
+
+The `method` block is validated against the settings model of the method it names, which the
+method declares itself (raymerge.settings.method_settings_class): a key that method does not
+take is an error that names the method. This module imports no method code."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from raymerge.errors import RecipeError
+from raymerge.roles import DEFAULT_EXCLUDE
+from raymerge.settings import (
+    MethodSettings,
+    StrictModel,
+    Varying,
+    method_settings_class,
+    method_settings_classes,
+    one_line,
+    read_yaml,
+    validate_config,
+)
 from raymerge.sizes import parse_size
 
-DEFAULT_EXCLUDE = ["embed_tokens", "lm_head", "wte", "wpe", "embeddings"]
+__all__ = ["DEFAULT_EXCLUDE", "OUTPUT_DTYPES", "Recipe", "SourceSpec", "StrictModel",
+           "load_recipe", "method_settings", "one_line", "read_yaml", "recipe_from_dict",
+           "validate_config"]
+
 OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
-
-
-class StrictModel(BaseModel):
-    # extra="forbid": an unknown key is an error, never silently dropped.
-    model_config = ConfigDict(extra="forbid")
+DEFAULT_METHOD = "task_arithmetic"
 
 
 class SourceSpec(StrictModel):
     path: str
-    weight: float = 1.0
+    weight: Varying[float] = 1.0
+    # this source's own values of the method's per-source keys (mergekit's per-model parameters)
+    parameters: dict[str, Any] = Field(default_factory=dict)
 
 
-class MethodSpec(StrictModel):
-    name: str = "task_arithmetic"
-    scale: float = 1.0
-    k: int | float = 0.1  # axis: a count, or a fraction of r = min(m, n)
-    density: float = Field(0.2, gt=0.0, le=1.0)
-    p: float = Field(0.9, ge=0.0, lt=1.0)
-    seed: int = 0
+def method_settings(block: Any, origin: str | None = None) -> MethodSettings:
+    """A recipe's method block as the settings of the method it names. An unknown method, a key
+    the method does not take (naming the methods that do) or a value out of range is a
+    ValueError, or with `origin` a RecipeError naming the key as `origin: method.key: ...`."""
+    if isinstance(block, MethodSettings):
+        return block
+    if not isinstance(block, dict):
+        raise ValueError(f"expected a mapping with the method's name and settings, got {block!r}")
+    block = {"name": DEFAULT_METHOD, **block}
+    name = block["name"]
+    if not isinstance(name, str):
+        raise ValueError(f"name must be a method's name, got {name!r}")
+    settings_class = method_settings_class(name)
+    unknown = [key for key in block if key not in settings_class.model_fields]
+    if unknown:
+        raise ValueError(_foreign_keys(name, unknown, settings_class))
+    if origin is not None:
+        return validate_config(settings_class, block, origin, prefix="method")
+    return settings_class.model_validate(block)
 
-    @field_validator("k")
-    @classmethod
-    def _k_range(cls, k: int | float) -> int | float:
-        if k <= 0 or (isinstance(k, float) and k > 1):
-            raise ValueError("k must be a positive integer, or a fraction in (0, 1] of the rank")
-        return k
 
-    @field_validator("name")
-    @classmethod
-    def _known_method(cls, name: str) -> str:
-        from raymerge.methods import METHODS
-
-        if name not in METHODS:
-            raise ValueError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")
-        return name
+def _foreign_keys(name: str, unknown: list[str], settings_class) -> str:
+    owners = {key: sorted(other for other, settings in method_settings_classes().items()
+                          if key in settings.model_fields) for key in unknown}
+    described = ", ".join(f"{key!r}" + (f" (a key of {', '.join(owners[key])})"
+                                          if owners[key] else "") for key in unknown)
+    takes = ", ".join(key for key in settings_class.model_fields if key != "name")
+    return f"{name} does not take {described}; {name} takes: {takes}"
 
 
 class SvcSpec(StrictModel):
-    alpha: Literal["auto"] | float = "auto"  # auto = 1/N
+    alpha: Literal["auto"] | float = "auto"  # auto: the SVC authors' setting for the method
 
     @field_validator("alpha")
     @classmethod
@@ -100,7 +121,8 @@ class RuntimeSpec(StrictModel):
 class Recipe(StrictModel):
     base: str
     sources: list[SourceSpec] = Field(min_length=1)
-    method: MethodSpec = MethodSpec()
+    method: SerializeAsAny[MethodSettings] = Field(
+        default_factory=lambda: {"name": DEFAULT_METHOD}, validate_default=True)
     calibrate: CalibrateSpec | None = None
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE))
     output: OutputSpec = OutputSpec()
@@ -114,26 +136,51 @@ class Recipe(StrictModel):
             return [{"path": item} if isinstance(item, str) else item for item in value]
         return value
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_settings(cls, value: Any) -> MethodSettings:
+        return method_settings(value)
+
+    @model_validator(mode="after")
+    def _source_parameters(self) -> Recipe:
+        """Each source's own parameters: keys the method takes per source, in range."""
+        settings_class = type(self.method)
+        for index, source in enumerate(self.sources):
+            if not source.parameters:
+                continue
+            foreign = sorted(set(source.parameters) - settings_class.per_source)
+            if foreign:
+                per_source = ", ".join(sorted(settings_class.per_source)) or "none"
+                raise ValueError(
+                    f"sources.{index}.parameters: {', '.join(map(repr, foreign))} cannot be set "
+                    f"per source for method {self.method.name} (per source: {per_source}; "
+                    "weight is the source's own key)")
+            try:
+                checked = settings_class.model_validate(
+                    {**self.method.model_dump(), **source.parameters})
+            except ValidationError as error:
+                item = error.errors()[0]
+                where = ".".join(str(p) for p in item["loc"] if not str(p).startswith("="))
+                raise ValueError(f"sources.{index}.parameters.{where}: {item['msg']}") from None
+            source.parameters = {key: getattr(checked, key) for key in source.parameters}
+        return self
+
     def svc_alpha(self) -> float | None:
         """SVC's α, or None when the recipe does not calibrate."""
         if self.calibrate is None or self.calibrate.svc is None:
             return None
+        return self.svc_alpha_rule()[0]
+
+    def svc_alpha_rule(self) -> tuple[float, str]:
+        """SVC's α and why: `auto` follows the SVC authors' setting for the method."""
         alpha = self.calibrate.svc.alpha
-        return 1.0 / len(self.sources) if alpha == "auto" else float(alpha)
+        if alpha == "auto":
+            value, rule = type(self.method).svc_auto_alpha(len(self.sources))
+            return value, f"auto: {rule}"
+        return float(alpha), "given in the recipe"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
-
-
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's data (safe_load: no tags that construct objects); RecipeError in one line
-    naming `what` (recipe, tune config, registry) when it is missing or not YAML."""
-    try:
-        return yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RecipeError(f"{what} {path} not found: check the path") from None
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{what} {path} is not valid YAML: {one_line(error)}") from None
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -150,23 +197,9 @@ def load_recipe(path: str | Path) -> Recipe:
 
 
 def recipe_from_dict(data: dict[str, Any], origin: str = "recipe") -> Recipe:
+    if isinstance(data, dict) and isinstance(data.get("method"), dict):
+        try:  # first, so that its errors name the method's keys as method.KEY
+            data = {**data, "method": method_settings(data["method"], origin)}
+        except ValueError as error:
+            raise RecipeError(f"{origin}: method: {error}") from None
     return validate_config(Recipe, data, origin)
-
-
-ConfigModel = TypeVar("ConfigModel", bound=BaseModel)
-
-
-def validate_config(model: type[ConfigModel], data: Any, origin: str) -> ConfigModel:
-    """model.model_validate, failing with one line that names every offending key."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"{'.'.join(str(part) for part in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in error.errors()
-        )
-        raise RecipeError(f"{origin}: {problems}") from None
-
-
-def one_line(error: Exception) -> str:
-    return " ".join(str(error).split())

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import re
 
+# Names kept out of every spectral step by default: embeddings and output heads.
+DEFAULT_EXCLUDE = ["embed_tokens", "lm_head", "wte", "wpe", "embeddings"]
+
 # "model.layers.12.mlp.up_proj.weight" -> block "model.layers.12"; covers Llama/Mistral/Qwen
 # (layers), GPT-2/Falcon (h), BERT (encoder.layer), T5 (block) and most others.
 BLOCK_PATTERN = re.compile(r"^(?P<block>(?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)\.")
@@ -22,3 +25,26 @@ def natural_key(name: str) -> tuple:
 
 def is_excluded(tensor_name: str, exclude_patterns: list[str]) -> bool:
     return any(re.search(pattern, tensor_name) for pattern in exclude_patterns)
+
+
+def layer_positions(names) -> dict[str, float]:
+    """Each tensor's position t ∈ [0, 1] in its stack of blocks, as mergekit interpolates
+    gradients: block i of L at i / (L − 1), 1 when L = 1 (blocks counted in order of their
+    index, per stack: a vision tower's layers apart from the language model's); 0 outside
+    blocks (embeddings, final norm, head), as mergekit's pre- and post-layer weights."""
+    blocks = {name: block_of(name) for name in names}
+    stacks: dict[str, set[int]] = {}
+    for block in filter(None, blocks.values()):
+        stack, _, index = block.rpartition(".")
+        stacks.setdefault(stack, set()).add(int(index))
+    ranks = {stack: {index: rank for rank, index in enumerate(sorted(indices))}
+             for stack, indices in stacks.items()}
+    positions = {}
+    for name, block in blocks.items():
+        if block is None:
+            positions[name] = 0.0
+            continue
+        stack, _, index = block.rpartition(".")
+        count = len(ranks[stack])
+        positions[name] = ranks[stack][int(index)] / (count - 1) if count > 1 else 1.0
+    return positions

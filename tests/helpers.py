@@ -66,3 +66,12 @@ def axis_merge_of(family: dict, root: Path, sources: int, k: int) -> Path:
         "method": {"name": "axis", "k": k}, "output": {"path": str(merged)}})
     assert main(["merge", str(recipe), "--no-progress"]) == 0
     return merged
+
+
+def method_block(name: str, **candidates) -> dict:
+    """A recipe's method block for `name` with those of `candidates` the method takes (a key of
+    another method is an error, so tests that loop over methods keep only the method's own)."""
+    from raymerge.settings import method_settings_class
+
+    fields = method_settings_class(name).model_fields
+    return {"name": name, **{key: value for key, value in candidates.items() if key in fields}}

@@ -16,9 +16,12 @@ def task_arithmetic(deltas: torch.Tensor, weights: list[float]) -> torch.Tensor:
     return sum(w * d for w, d in zip(weights, deltas))
 
 
-def ties(deltas: torch.Tensor, weights: list[float], density: float) -> torch.Tensor:
+def ties(deltas: torch.Tensor, weights: list[float], density: float | list[float]
+         ) -> torch.Tensor:
+    """`density`: one for all sources, or one per source."""
+    densities = density if isinstance(density, list) else [density] * len(weights)
     trimmed = []
-    for w, d in zip(weights, deltas):
+    for w, d, density in zip(weights, deltas, densities):
         weighted = w * d
         keep = max(1, int(density * weighted.numel()))
         threshold = weighted.abs().flatten().sort(descending=True).values[keep - 1]

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from raymerge.execute import MergeJob, merge_unit
 from raymerge.plan import make_plan
-from raymerge.recipe import MethodSpec
+from raymerge.recipe import method_settings
 from raymerge.sources import Checkpoint
 
 base_dir, method, calibrate, *source_dirs = sys.argv[1:]
@@ -28,7 +28,7 @@ sources = [Checkpoint.open(d, Path(d)) for d in source_dirs]
 plan = make_plan(base, sources, output_dtype=None, state_tensors=4)
 unit = next(u for u in plan.units if u.name == "model.layers.0")
 job = MergeJob(base=base, sources=sources, weights=[1.0] * len(sources),
-               method=MethodSpec(name=method, density=0.3),
+               method=method_settings({"name": method, **({"density": 0.3} if method == "ties" else {})}),
                svc_alpha=1 / len(sources) if calibrate == "svc" else None, num_threads=1)
 merge_unit(job, min(plan.units, key=lambda u: u.read_bytes))  # warm up on the smallest unit
 def status_kib(key):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import assert_merged_close, load_tensors, manifest, write_recipe
+from helpers import assert_merged_close, load_tensors, manifest, method_block, write_recipe
 from reference import reference_merge
 
 from raymerge.cli import main
@@ -21,7 +21,7 @@ WEIGHTS = [1.0, 0.5, 0.75, 1.25]
 def test_merge_equals_dense_reference_and_loads_in_transformers(
     ray_cluster, tiny_family, tmp_path, method
 ):
-    settings = {"name": method, "scale": 0.7, "density": 0.4, "p": 0.3, "seed": 7}
+    settings = method_block(method, scale=0.7, density=0.4, p=0.3, seed=7)
     out = tmp_path / "merged"
     recipe = write_recipe(tmp_path / "recipe.yaml", {
         "base": str(tiny_family["base"]),

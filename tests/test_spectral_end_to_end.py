@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import load_tensors, manifest, write_recipe
+from helpers import load_tensors, manifest, method_block, write_recipe
 from reference import reference_merge
 from reference_spectral import reference_spectral
 
@@ -61,8 +61,8 @@ def test_spectral_merge_equals_dense_float64_definition(ray_cluster, nine_source
                                                          method, n, calibrate):
     base, sources = nine_sources
     sources = sources[:n]
-    settings = {"name": method, "scale": 0.9, "k": 0.25 if method == "axis" else 0.1,
-                "density": 0.5, "p": 0.3, "seed": 1}
+    settings = method_block(method, scale=0.9, k=0.25 if method == "axis" else 0.1, density=0.5,
+                            p=0.3, seed=1)
     out = _merge(tmp_path, base, sources, settings, calibrate)
     alpha = 1.0 / n if calibrate else None
 

@@ -8,7 +8,10 @@ Ties in σ keep the earlier source's component, which is also the batch order.""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from pydantic import AfterValidator
 from torch import Tensor
 
 from ..errors import RecipeError
@@ -18,7 +21,8 @@ from ..spectral.svd import (
     truncated_svd,
     truncated_svd_settings,
 )
-from .spectral import SpectralMethod
+from .base import Statistic, Varying
+from .spectral import SpectralMethod, SpectralSettings
 
 
 def components_to_keep(k: int | float, full_rank: int) -> int:
@@ -32,8 +36,28 @@ def components_to_keep(k: int | float, full_rank: int) -> int:
     return k
 
 
+def _k_range(k: int | float) -> int | float:
+    if isinstance(k, bool) or k <= 0 or (isinstance(k, float) and k > 1):
+        raise ValueError("k must be a positive integer, or a fraction in (0, 1] of the rank")
+    return k
+
+
+class AxisSettings(SpectralSettings):
+    # components kept per matrix: a count, or a fraction of r = min(m, n)
+    k: Varying[Annotated[int | float, AfterValidator(_k_range)]] = 0.1
+
+
 class Axis(SpectralMethod):
+    name = "axis"
+    title = "AXIS stage 1 (the K largest rank-one components across sources)"
+    paper = "AXIS, arXiv 2508.19353, Algorithm 1"
+    Settings = AxisSettings
     state_tensors = 2
+    statistics = (
+        Statistic("axis_rank", "int", "rank", "d"),
+        Statistic("axis_energy_kept", "float", "energy", ".3f"),
+        Statistic("axis_selected_per_source", "int_list", "selected per source"),
+    )
 
     @classmethod
     def check(cls, settings, shapes: dict[str, tuple[int, ...]], num_sources: int,
@@ -96,7 +120,7 @@ class Axis(SpectralMethod):
         if self.pool_S.numel() < self.keep:
             raise RecipeError(
                 f"method.k: K = {self.keep} is larger than the {self.pool_S.numel()} components "
-                f"of tensor {self.name} across all sources; lower k"
+                f"of tensor {self.tensor_name} across all sources; lower k"
             )
         merged = (self.pool_U * self.pool_S) @ self.pool_V.mT
         self.report.factors = tuple(factored_svd(self.pool_U, self.pool_S, self.pool_V))

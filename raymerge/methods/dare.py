@@ -5,13 +5,15 @@ so a rerun, a different unit order or a different worker gives identical bytes."
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from ..recipe import MethodSpec
-from .base import MergeOptions
+from .base import Method, MethodSettings, Varying
+
+DropProbability = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 def dare_generator(seed: int, name: str, source_index: int) -> torch.Generator:
@@ -24,25 +26,29 @@ def dare_keep_mask(shape: torch.Size, p: float, generator: torch.Generator) -> T
     return torch.rand(shape, generator=generator) >= p
 
 
-class Dare:
-    passes = 1
-    state_tensors = 2  # running sum and the keep mask of the current source
+class DareSettings(MethodSettings):
+    p: Varying[DropProbability] = 0.9  # drop probability
+    seed: int = 0
+    per_source = frozenset({"p"})
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float],
-                 options: MergeOptions | None = None) -> None:
-        self.drop_probability = settings.p
-        self.seed = settings.seed
-        self.weights = list(weights)
-        self.merged: Tensor | None = None
+
+class Dare(Method):
+    name = "dare"
+    title = "DARE (drop and rescale), then task arithmetic"
+    paper = "Language Models are Super Mario (DARE), arXiv 2311.03099"
+    Settings = DareSettings
+    state_tensors = 2  # running sum and the keep mask of the current source
+    random = True
 
     def begin(self, name: str, base: Tensor) -> None:
-        self.name = name
+        self.tensor_name = name
         self.merged = torch.zeros_like(base)
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
-        generator = dare_generator(self.seed, self.name, source_index)
-        keep = dare_keep_mask(delta.shape, self.drop_probability, generator).to(delta.device)
-        rescale = self.weights[source_index] / (1.0 - self.drop_probability)
+        drop = self.source_settings[source_index].p
+        generator = dare_generator(self.settings.seed, self.tensor_name, source_index)
+        keep = dare_keep_mask(delta.shape, drop, generator).to(delta.device)
+        rescale = self.weights[source_index] / (1.0 - drop)
         self.merged.add_(delta.mul_(keep), alpha=rescale)
 
     def finish(self) -> Tensor:

@@ -11,6 +11,10 @@ from .spectral import SpectralMethod
 
 
 class IsoC(SpectralMethod):
+    name = "iso_c"
+    title = "Iso-C (isotropic merging in the common subspace)"
+    paper = ("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+             "Subspaces, arXiv 2502.04959; code danielm1405/iso-merging")
     state_tensors = 1
 
     def begin_matrix(self, base: Tensor) -> None:

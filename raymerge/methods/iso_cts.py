@@ -32,7 +32,11 @@ def subspace_sizes(full_rank: int, num_sources: int) -> tuple[int, int]:
 
 
 class IsoCts(SpectralMethod):
-    matrix_passes = 2
+    name = "iso_cts"
+    title = "Iso-CTS (isotropic common and task-specific subspaces)"
+    paper = ("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
+             "Subspaces, arXiv 2502.04959; code danielm1405/iso-merging")
+    max_passes = 2
     state_tensors = 2
 
     def begin_matrix(self, base: Tensor) -> None:

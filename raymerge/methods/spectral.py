@@ -4,38 +4,28 @@ that are not matrices, and excluded ones (embeddings, heads), are merged as the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ..recipe import MethodSpec
-from .base import MergeOptions, TensorReport
+from .base import Method, MethodSettings, TensorReport
 
 
-class SpectralMethod:
-    matrix_passes = 1
+class SpectralSettings(MethodSettings):
+    seed: int = 0  # randomized SVDs are seeded per (seed, source)
+
+
+class SpectralMethod(Method):
+    Settings = SpectralSettings
     state_tensors = 2
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float],
-                 options: MergeOptions | None = None) -> None:
-        self.settings = settings
-        self.weights = list(weights)
-        self.options = options or MergeOptions()
-        self.report = TensorReport()
-
-    @property
-    def num_sources(self) -> int:
-        return len(self.weights)
-
     def begin(self, name: str, base: Tensor) -> None:
-        self.name = name
+        self.tensor_name = name
         self.like = base.new_empty(0)  # dtype and device of the result, without its size
         self._cache_key: str | None = None
         self.report = TensorReport()
         self.is_matrix = self.options.is_spectral_matrix(name, base.shape)
         if self.is_matrix:
-            self.passes = self.matrix_passes
+            self.passes = self.max_passes
             self.begin_matrix(base)
         else:
             self.passes = 1
@@ -75,7 +65,7 @@ class SpectralMethod:
                     if cache is not None and self.is_matrix else None)
         if settings is None:
             return False
-        key = cache.key(source_index, self.name,
+        key = cache.key(source_index, self.tensor_name,
                         {**settings, "weight": self.weights[source_index]})
         factors = cache.get(key, self.like.device)
         if factors is None:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-from ..recipe import MethodSpec
-from .base import MergeOptions
+from .base import Method, MethodSettings
 
 
-class TaskArithmetic:
-    passes = 1
-    state_tensors = 1
+class TaskArithmeticSettings(MethodSettings):
+    pass
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float],
-                 options: MergeOptions | None = None) -> None:
-        self.weights = list(weights)
-        self.merged: Tensor | None = None
+
+class TaskArithmetic(Method):
+    name = "task_arithmetic"
+    title = "Task arithmetic"
+    paper = "Editing Models with Task Arithmetic, arXiv 2212.04089"
+    Settings = TaskArithmeticSettings
 
     def begin(self, name: str, base: Tensor) -> None:
         self.merged = torch.zeros_like(base)

@@ -12,13 +12,13 @@ that reads every source twice.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from typing import Annotated
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from ..recipe import MethodSpec
-from .base import MergeOptions
+from .base import Method, MethodSettings, Varying
 
 CHUNK = 1 << 18  # elements per step of the elementwise work: temporaries stay in cache
 
@@ -46,14 +46,20 @@ def chunks(*tensors: Tensor):
         yield [piece[start:start + CHUNK] for piece in flat]
 
 
-class Ties:
-    passes = 1
-    state_tensors = 4  # two float sums, two int16 counts, the magnitude scratch
+Density = Annotated[float, Field(gt=0.0, le=1.0)]
 
-    def __init__(self, settings: MethodSpec, weights: Sequence[float],
-                 options: MergeOptions | None = None) -> None:
-        self.density = settings.density
-        self.weights = list(weights)
+
+class TiesSettings(MethodSettings):
+    density: Varying[Density] = 0.2  # fraction of each source's entries kept
+    per_source = frozenset({"density"})
+
+
+class Ties(Method):
+    name = "ties"
+    title = "TIES-Merging"
+    paper = "TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708"
+    Settings = TiesSettings
+    state_tensors = 4  # two float sums, two int16 counts, the magnitude scratch
 
     def begin(self, name: str, base: Tensor) -> None:
         # Σ trimmed, Σ of its positive entries, and how many entries are positive / non-zero:
@@ -62,16 +68,18 @@ class Ties:
         self.positive_sum = torch.zeros_like(base)
         self.positive_count = torch.zeros_like(base, dtype=torch.int16)
         self.nonzero_count = torch.zeros_like(base, dtype=torch.int16)
-        self.scratch = torch.empty_like(base) if self.density < 1.0 else None
+        trims = any(source.density < 1.0 for source in self.source_settings)
+        self.scratch = torch.empty_like(base) if trims else None
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         weight = self.weights[source_index]
+        density = self.source_settings[source_index].density
         weighted = delta if weight == 1.0 else delta.mul_(weight)
-        threshold = (magnitude_threshold(weighted, self.density, self.scratch).item()
-                     if self.density < 1.0 else 0.0)
+        threshold = (magnitude_threshold(weighted, density, self.scratch).item()
+                     if density < 1.0 else 0.0)
         state = (self.trimmed_sum, self.positive_sum, self.positive_count, self.nonzero_count)
         for trimmed, total, positive, positive_count, nonzero_count in chunks(weighted, *state):
-            if self.density < 1.0:
+            if density < 1.0:
                 trimmed.mul_(trimmed.abs() >= threshold)
             total.add_(trimmed)
             positive.add_(trimmed.clamp(min=0))

@@ -18,10 +18,21 @@ from ..spectral.svd import (
     truncated_svd_settings,
     without_null_components,
 )
-from .spectral import SpectralMethod
+from .spectral import SpectralMethod, SpectralSettings
+
+
+class TsvSettings(SpectralSettings):
+    @classmethod
+    def svc_auto_alpha(cls, num_sources: int) -> tuple[float, str]:
+        return 1.0, "1.0 after TSV-M (the SVC authors' run.sh)"
 
 
 class Tsv(SpectralMethod):
+    name = "tsv"
+    title = "TSV-M (Task Singular Vectors merging)"
+    paper = ("Task Singular Vectors: Reducing Task Interference in Model Merging, "
+             "arXiv 2412.00081; code AntoAndGar/task_singular_vectors")
+    Settings = TsvSettings
     state_tensors = 2
 
     @classmethod
@@ -38,7 +49,7 @@ class Tsv(SpectralMethod):
         self.shape = tuple(base.shape)
         self.per_source = min(base.shape) // self.num_sources
         if self.per_source == 0:
-            self.check(self.settings, {self.name: tuple(base.shape)}, self.num_sources,
+            self.check(self.settings, {self.tensor_name: tuple(base.shape)}, self.num_sources,
                        self.options)
         self.stack_U: list[Tensor] = []  # at most N·k ≤ r columns in all
         self.stack_S: list[Tensor] = []

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 from raymerge.recipe import Recipe
-
-PAPERS = {
-    "task_arithmetic": "Editing Models with Task Arithmetic, arXiv 2212.04089",
-    "ties": "TIES-Merging: Resolving Interference When Merging Models, arXiv 2306.01708",
-    "dare": "Language Models are Super Mario (DARE), arXiv 2311.03099",
-}
+from raymerge.settings import shown
 
 
-def model_card(recipe: Recipe, revisions: dict[str, str | None], summary: dict) -> str:
+def model_card(recipe: Recipe, revisions: dict[str, str | None], summary: dict,
+               title: str, paper: str) -> str:
+    """`title` and `paper`: the method's own (and SVC's, when it calibrated)."""
+
     def revision(label: str) -> str:
         return f" @ `{revisions[label]}`" if revisions.get(label) else ""
 
@@ -31,14 +29,14 @@ def model_card(recipe: Recipe, revisions: dict[str, str | None], summary: dict) 
     ]
     for source in recipe.sources:
         lines.append(f"| `{source.path}` | {revisions.get(source.path) or 'local'} | "
-                     f"{source.weight:g} |")
+                     f"{shown(source.weight)} |")
+    described = method.described()
     lines += [
         "",
-        f"Method: `{method.name}`, scale λ = {method.scale:g}"
-        + (f", density {method.density:g}" if method.name == "ties" else "")
-        + (f", drop probability {method.p:g}, seed {method.seed}" if method.name == "dare" else ""),
+        f"Method: {title} (`{method.name}`), scale λ = {shown(method.scale)}"
+        + (f"; {described}" if described else "") + ".",
         "",
-        f"Reference: {PAPERS.get(method.name, method.name)}.",
+        f"Reference: {paper}.",
         "",
         f"Merged {summary['num_tensors']} tensors in {summary['seconds']:.1f} s.",
         "The full recipe is in `raymerge_recipe.yaml`; source hashes and per-tensor statistics are"

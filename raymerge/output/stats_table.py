@@ -1,6 +1,7 @@
 """raymerge_stats.parquet: one row per tensor with the merge's statistics (pyarrow), for
-`raymerge inspect` and for users' own analysis. Spectra (lists of σ) live only here, not in the
-JSON manifest."""
+`raymerge inspect` and for users' own analysis. The columns are the statistics the merge's
+method and SVC declare (raymerge.methods.statistics_of); long lists (spectra) live only here,
+not in the JSON manifest."""
 
 from __future__ import annotations
 
@@ -10,44 +11,24 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 STATS_NAME = "raymerge_stats.parquet"
-SPECTRUM_KEYS = ("spectrum_before", "spectrum_after")  # too long for the manifest
-GAMMA_COLUMNS = ("svc_gamma_min", "svc_gamma_q25", "svc_gamma_median", "svc_gamma_q75",
-                 "svc_gamma_max")
-
-SCHEMA = pa.schema([
-    ("tensor", pa.string()),
-    ("delta_rms", pa.float64()),
-    ("delta_max_abs", pa.float64()),
-    ("axis_rank", pa.int64()),
-    ("axis_energy_kept", pa.float64()),
-    ("axis_selected_per_source", pa.list_(pa.int64())),
-    *[(name, pa.float64()) for name in GAMMA_COLUMNS],
-    ("spectrum_before", pa.list_(pa.float32())),
-    ("spectrum_after", pa.list_(pa.float32())),
-])
+ARROW_TYPES = {"int": pa.int64(), "float": pa.float64(), "int_list": pa.list_(pa.int64()),
+               "float_list": pa.list_(pa.float32())}
 
 
-def write_stats_table(path: Path, tensor_stats: dict[str, dict]) -> None:
-    rows = []
-    for name, stats in tensor_stats.items():
-        gamma = stats.get("svc_gamma_quantiles") or [None] * len(GAMMA_COLUMNS)
-        rows.append({
-            "tensor": name,
-            "delta_rms": stats.get("delta_rms"),
-            "delta_max_abs": stats.get("delta_max_abs"),
-            "axis_rank": stats.get("axis_rank"),
-            "axis_energy_kept": stats.get("axis_energy_kept"),
-            "axis_selected_per_source": stats.get("axis_selected_per_source"),
-            **dict(zip(GAMMA_COLUMNS, gamma)),
-            "spectrum_before": stats.get("spectrum_before"),
-            "spectrum_after": stats.get("spectrum_after"),
-        })
-    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), path)
+def write_stats_table(path: Path, tensor_stats: dict[str, dict], statistics) -> None:
+    """`statistics`: the declared Statistic columns, in order."""
+    schema = pa.schema([("tensor", pa.string()),
+                        *[(stat.key, ARROW_TYPES[stat.kind]) for stat in statistics]])
+    rows = [{"tensor": name, **{stat.key: stats.get(stat.key) for stat in statistics}}
+            for name, stats in tensor_stats.items()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
 
 
 def read_stats_table(path: Path) -> pa.Table:
     return pq.read_table(path)
 
 
-def manifest_stats(stats: dict) -> dict:
-    return {key: value for key, value in stats.items() if key not in SPECTRUM_KEYS}
+def manifest_stats(stats: dict, statistics) -> dict:
+    """A tensor's statistics for the manifest: all but those declared parquet-only."""
+    parquet_only = {stat.key for stat in statistics if not stat.in_manifest}
+    return {key: value for key, value in stats.items() if key not in parquet_only}

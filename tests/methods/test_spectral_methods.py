@@ -11,7 +11,7 @@ from reference_spectral import axis as dense_axis
 from raymerge.cli import main
 from raymerge.errors import RecipeError
 from raymerge.methods import MergeOptions, build_method
-from raymerge.recipe import MethodSpec
+from raymerge.recipe import method_settings
 from raymerge.spectral.svd import exact_svd
 from raymerge.synthetic import llama_config, write_base, write_finetune
 
@@ -19,7 +19,8 @@ MATRIX = "model.layers.0.mlp.up_proj.weight"
 
 
 def _stream(method, base, deltas, weights, **settings):
-    merger = build_method(MethodSpec(name=method, **settings), weights, MergeOptions(svd="exact"))
+    merger = build_method(method_settings({"name": method, **settings}), weights,
+                          MergeOptions(svd="exact"))
     merger.begin(MATRIX, base)
     for pass_index in range(merger.passes):
         for index, delta in enumerate(deltas):
@@ -49,7 +50,8 @@ def test_streaming_axis_equals_the_batch_pool(n, keep, shape):
 
 def test_axis_pool_never_exceeds_k():
     base = torch.zeros(50, 50)
-    merger = build_method(MethodSpec(name="axis", k=6), [1.0] * 8, MergeOptions(svd="exact"))
+    merger = build_method(method_settings({"name": "axis", "k": 6}), [1.0] * 8,
+                          MergeOptions(svd="exact"))
     merger.begin(MATRIX, base)
     for index in range(8):
         merger.update(0, index, torch.randn(50, 50))
@@ -68,7 +70,7 @@ def test_iso_c_flattens_the_spectrum():
 def test_non_matrices_and_excluded_tensors_are_the_weighted_mean():
     deltas = [torch.full((6,), 2.0), torch.full((6,), 4.0)]
     for method in ("axis", "tsv", "iso_c", "iso_cts"):
-        merger = build_method(MethodSpec(name=method), [1.0, 0.5], MergeOptions())
+        merger = build_method(method_settings({"name": method}), [1.0, 0.5], MergeOptions())
         merger.begin("model.norm.weight", torch.zeros(6))
         for index, delta in enumerate(deltas):
             merger.update(0, index, delta.clone())
@@ -111,7 +113,7 @@ def test_tsv_with_more_sources_than_the_rank_is_refused(tmp_path, capsys):
 def test_k_out_of_range_is_a_recipe_error():
     for bad in (0, -3, 1.5):
         with pytest.raises(ValueError):
-            MethodSpec(name="axis", k=bad)
+            method_settings({"name": "axis", "k": bad})
     with pytest.raises(RecipeError):
         from raymerge.methods.axis import components_to_keep
 

@@ -9,11 +9,11 @@ from reference import dare, task_arithmetic, ties
 from raymerge.methods import METHODS
 from raymerge.methods.dare import dare_generator, dare_keep_mask
 from raymerge.methods.ties import magnitude_threshold
-from raymerge.recipe import MethodSpec
+from raymerge.recipe import method_settings
 
 
 def _stream(name: str, base: torch.Tensor, deltas: torch.Tensor, weights, **settings):
-    method = METHODS[name](MethodSpec(name=name, **settings), weights)
+    method = METHODS[name](method_settings({"name": name, **settings}), weights)
     method.begin("layer.weight", base)
     for pass_index in range(method.passes):
         for index, delta in enumerate(deltas):
@@ -63,7 +63,7 @@ def test_dare_equals_dense_reference_and_is_reproducible(n):
     first = _stream("dare", base, deltas, weights, p=0.6, seed=11)
     again = _stream("dare", base, deltas, weights, p=0.6, seed=11)
     other_seed = _stream("dare", base, deltas, weights, p=0.6, seed=12)
-    method = METHODS["dare"](MethodSpec(name="dare", p=0.6, seed=11), weights)
+    method = METHODS["dare"](method_settings({"name": "dare", "p": 0.6, "seed": 11}), weights)
     assert torch.equal(first, again) and not torch.equal(first, other_seed)
     expected = dare(deltas.double(), weights, 0.6, 11, "layer.weight")
     torch.testing.assert_close(first.double(), expected, rtol=1e-5, atol=1e-6)

@@ -127,13 +127,13 @@ def test_a_task_checks_its_unit_fits_before_allocating(float32_family):
     from raymerge.errors import RecipeError
     from raymerge.execute import MergeJob, merge_unit
     from raymerge.plan import make_plan
-    from raymerge.recipe import MethodSpec
+    from raymerge.recipe import method_settings
     from raymerge.sources import resolve_checkpoint
 
     base = resolve_checkpoint(str(float32_family["base"]))
     source = resolve_checkpoint(str(float32_family["sources"][0]))
     unit = make_plan(base, [source], output_dtype=None).units[1]
-    job = MergeJob(base=base, sources=[source], weights=[1.0], method=MethodSpec(),
+    job = MergeJob(base=base, sources=[source], weights=[1.0], method=method_settings({}),
                    memory=unit.peak_bytes - 1)
     with pytest.raises(RecipeError, match=f"unit {unit.name} needs about .* tensor "
                                           f"{unit.peak_tensor}"):
@@ -223,10 +223,20 @@ def test_output_inside_a_source_is_refused(tmp_path, float32_family, capsys):
      "method.density: Input should be less than or equal to 1"),
     ({"base": "b", "sources": ["s"], "method": {"name": "slerp"}}, "unknown method 'slerp'"),
     ({"base": "b", "sources": ["s"], "method": {"name": "axis", "k": 0}},
-     "method.k: Value error, k must be a positive integer"),
+     "method.k: k must be a positive integer"),
     ({"base": "b", "sources": ["s"], "method": {"name": "axis", "k": 1.5}},
-     "method.k: Value error, k must be a positive integer, or a fraction in (0, 1]"),
+     "method.k: k must be a positive integer, or a fraction in (0, 1]"),
     ({"base": "b", "sources": ["s"], "method": {"name": "dare", "p": 1.0}}, "method.p:"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "axis", "density": 0.2}},
+     "method: axis does not take 'density' (a key of ties); axis takes: scale, seed, k"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "ties", "denstiy": 0.2}},
+     "method: ties does not take 'denstiy'; ties takes: scale, density"),
+    ({"base": "b", "sources": [{"path": "s", "parameters": {"density": 0.5}}],
+      "method": {"name": "dare"}},
+     "sources.0.parameters: 'density' cannot be set per source for method dare"),
+    ({"base": "b", "sources": [{"path": "s", "parameters": {"density": 2}}],
+      "method": {"name": "ties"}},
+     "sources.0.parameters.density: Input should be less than or equal to 1"),
     ({"base": "b", "sources": ["s"], "output": {"shard_size": "lots"}}, "not a size: 'lots'"),
 ])
 def test_bad_recipe_points_at_the_key(tmp_path, capsys, recipe, message):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import load_tensors, published, write_recipe
+from helpers import load_tensors, method_block, published, write_recipe
 from reference import reference_merge
 from reference_spectral import reference_spectral
 from safetensors.torch import save_file
@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from raymerge.cli import main
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, build_method
-from raymerge.recipe import MethodSpec
+from raymerge.recipe import method_settings
 
 MODULES = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 
@@ -58,7 +58,7 @@ def test_lora_sources_equal_their_dense_deltas(ray_cluster, float32_family, tmp_
     out = tmp_path / "merged"
     recipe = {"base": str(base_dir),
               "sources": [str(full), str(tmp_path / "lora-0"), str(tmp_path / "lora-1")],
-              "method": {"name": method, "k": 6, "density": 0.5, "scale": 0.8},
+              "method": method_block(method, k=6, density=0.5, scale=0.8),
               "exclude": ["embed_tokens", "lm_head"], "runtime": {"svd": "exact"},
               "output": {"path": str(out)}}
     if calibrate:
@@ -96,7 +96,8 @@ def test_factored_path_never_forms_the_full_matrix():
     factors = [(torch.randn(size, rank, generator=generator),
                 torch.randn(size, rank, generator=generator)) for _ in range(3)]
     for name in ("axis", "tsv"):
-        merger = build_method(MethodSpec(name=name, k=8), [1.0] * 3, MergeOptions())
+        merger = build_method(method_settings({"name": name, **({"k": 8} if name == "axis" else {})}),
+                              [1.0] * 3, MergeOptions())
         with PeakMemory() as memory:
             merger.begin("model.layers.0.mlp.up_proj.weight", torch.empty(size, size))
             for index, (left, right) in enumerate(factors):
