@@ -161,7 +161,8 @@ class Recipe(StrictModel):
             except ValidationError as error:
                 item = error.errors()[0]
                 where = ".".join(str(p) for p in item["loc"] if not str(p).startswith("="))
-                raise ValueError(f"sources.{index}.parameters.{where}: {item['msg']}") from None
+                message = item["msg"].removeprefix("Value error, ")
+                raise ValueError(f"sources.{index}.parameters.{where}: {message}") from None
             source.parameters = {key: getattr(checked, key) for key in source.parameters}
         return self
 

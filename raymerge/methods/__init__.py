@@ -6,10 +6,16 @@ from collections.abc import Sequence
 
 from .axis import Axis
 from .base import COMMON_STATISTICS, MergeOptions, Method, MethodSettings, Statistic, TensorReport
+from .breadcrumbs import Breadcrumbs
+from .breadcrumbs_ties import BreadcrumbsTies
 from .calibrated import SVC_PASSES, SVC_STATE_TENSORS, SVC_STATISTICS, Calibrated
 from .dare import Dare
+from .dare_ties import DareTies
+from .della import Della
+from .della_linear import DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
+from .sce import Sce
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
@@ -22,6 +28,12 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     IsoC,
     IsoCts,
     Axis,
+    DareTies,
+    Breadcrumbs,
+    BreadcrumbsTies,
+    Della,
+    DellaLinear,
+    Sce,
 )}
 
 

@@ -1,38 +1,37 @@
 """DARE (arXiv 2311.03099): drop each delta entry with probability p, rescale survivors by
 1/(1-p), then task arithmetic. The random stream is seeded from (seed, tensor name, source index),
-so a rerun, a different unit order or a different worker gives identical bytes."""
+so a rerun, a different unit order or a different worker gives identical bytes.
+
+mergekit's `dare_linear` is this with p = 1 − density, `rescale: l1` (mergekit matches each
+source's L1 norm instead of dividing by 1 − p) and its `normalize` (divide by Σ w_i)."""
 
 from __future__ import annotations
 
-import hashlib
 from typing import Annotated
 
-import torch
 from pydantic import Field
 from torch import Tensor
 
-from .base import Method, MethodSettings, Varying
+from .base import MethodSettings, Varying
+from .generalized import GeneralizedTaskArithmetic
+from .sparsify import Rescale, random_keep_mask
+from .sparsify import source_generator as dare_generator
+
+__all__ = ["Dare", "DareSettings", "DropProbability", "dare_generator", "dare_keep_mask"]
 
 DropProbability = Annotated[float, Field(ge=0.0, lt=1.0)]
-
-
-def dare_generator(seed: int, name: str, source_index: int) -> torch.Generator:
-    digest = hashlib.sha256(f"{seed}\0{name}\0{source_index}".encode()).digest()
-    return torch.Generator(device="cpu").manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-def dare_keep_mask(shape: torch.Size, p: float, generator: torch.Generator) -> Tensor:
-    """True where an entry survives; drawn on the CPU so every device gets the same mask."""
-    return torch.rand(shape, generator=generator) >= p
+dare_keep_mask = random_keep_mask
 
 
 class DareSettings(MethodSettings):
     p: Varying[DropProbability] = 0.9  # drop probability
     seed: int = 0
+    rescale: Rescale = "inverse"  # inverse: 1/(1 − p) (DARE paper) | l1 (mergekit) | none
+    normalize: bool = False  # divide M by Σ w_i (mergekit normalize)
     per_source = frozenset({"p"})
 
 
-class Dare(Method):
+class Dare(GeneralizedTaskArithmetic):
     name = "dare"
     title = "DARE (drop and rescale), then task arithmetic"
     paper = "Language Models are Super Mario (DARE), arXiv 2311.03099"
@@ -40,17 +39,8 @@ class Dare(Method):
     state_tensors = 2  # running sum and the keep mask of the current source
     random = True
 
-    def begin(self, name: str, base: Tensor) -> None:
-        self.tensor_name = name
-        self.merged = torch.zeros_like(base)
-
-    def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
+    def sparsify(self, source_index: int, delta: Tensor, inverse_rescale: bool) -> float:
         drop = self.source_settings[source_index].p
-        generator = dare_generator(self.settings.seed, self.tensor_name, source_index)
-        keep = dare_keep_mask(delta.shape, drop, generator).to(delta.device)
-        rescale = self.weights[source_index] / (1.0 - drop)
-        self.merged.add_(delta.mul_(keep), alpha=rescale)
-
-    def finish(self) -> Tensor:
-        merged, self.merged = self.merged, None
-        return merged
+        keep = random_keep_mask(delta.shape, drop, self.generator(source_index))
+        delta.mul_(keep.to(delta.device))
+        return 1.0 / (1.0 - drop) if inverse_rescale else 1.0

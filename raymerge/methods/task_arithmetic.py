@@ -1,4 +1,5 @@
-"""Task arithmetic (arXiv 2212.04089): M = Σ w_i Δ_i, kept as one running sum."""
+"""Task arithmetic (arXiv 2212.04089): M = Σ w_i Δ_i, kept as one running sum; with
+`normalize` (mergekit's), M = Σ w_i Δ_i / Σ w_i."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import torch
 from torch import Tensor
 
 from .base import Method, MethodSettings
+from .consensus import linear_normalized
 
 
 class TaskArithmeticSettings(MethodSettings):
-    pass
+    normalize: bool = False  # divide M by Σ w_i (mergekit normalize; 1 where |Σ w_i| < 1e-8)
 
 
 class TaskArithmetic(Method):
@@ -31,4 +33,4 @@ class TaskArithmetic(Method):
 
     def finish(self) -> Tensor:
         merged, self.merged = self.merged, None
-        return merged
+        return linear_normalized(merged, self.weights) if self.settings.normalize else merged

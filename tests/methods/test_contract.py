@@ -79,7 +79,8 @@ def test_the_readme_example_method_merges_with_its_own_settings(monkeypatch):
     example = _readme_example(monkeypatch)
     monkeypatch.setitem(METHODS, "mean", example.Mean)
     settings = method_settings({"name": "mean", "shrink": 0.5})
-    with pytest.raises(ValueError, match="mean does not take 'density' \\(a key of ties\\)"):
+    with pytest.raises(ValueError,
+                       match="mean does not take 'density' \\(a key of [^)]*\\bties\\b"):
         method_settings({"name": "mean", "density": 0.2})
     per_source = [settings, settings.model_copy(update={"shrink": 0.0})]
     method = build_method(settings, [1.0, 3.0], MergeOptions(), source_settings=per_source)

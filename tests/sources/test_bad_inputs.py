@@ -228,7 +228,8 @@ def test_output_inside_a_source_is_refused(tmp_path, float32_family, capsys):
      "method.k: k must be a positive integer, or a fraction in (0, 1]"),
     ({"base": "b", "sources": ["s"], "method": {"name": "dare", "p": 1.0}}, "method.p:"),
     ({"base": "b", "sources": ["s"], "method": {"name": "axis", "density": 0.2}},
-     "method: axis does not take 'density' (a key of ties); axis takes: scale, seed, k"),
+     ("method: axis does not take 'density' (a key of breadcrumbs, breadcrumbs_ties, dare_ties, "
+      "della, della_linear, ties); axis takes: scale, seed, k")),
     ({"base": "b", "sources": ["s"], "method": {"name": "ties", "denstiy": 0.2}},
      "method: ties does not take 'denstiy'; ties takes: scale, density"),
     ({"base": "b", "sources": [{"path": "s", "parameters": {"density": 0.5}}],
