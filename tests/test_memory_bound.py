@@ -22,13 +22,13 @@ from raymerge.plan import make_plan
 from raymerge.recipe import method_settings
 from raymerge.sources import Checkpoint
 
-base_dir, method, calibrate, *source_dirs = sys.argv[1:]
+base_dir, method_json, calibrate, *source_dirs = sys.argv[1:]
 base = Checkpoint.open("base", Path(base_dir))
 sources = [Checkpoint.open(d, Path(d)) for d in source_dirs]
 plan = make_plan(base, sources, output_dtype=None, state_tensors=4)
 unit = next(u for u in plan.units if u.name == "model.layers.0")
 job = MergeJob(base=base, sources=sources, weights=[1.0] * len(sources),
-               method=method_settings({"name": method, **({"density": 0.3} if method == "ties" else {})}),
+               method=method_settings(json.loads(method_json)),
                svc_alpha=1 / len(sources) if calibrate == "svc" else None, num_threads=1)
 merge_unit(job, min(plan.units, key=lambda u: u.read_bytes))  # warm up on the smallest unit
 def status_kib(key):
@@ -53,12 +53,17 @@ def twelve_sources(tmp_path_factory):
     return base, [write_finetune(base, root / f"ft-{i}", seed=i) for i in range(12)]
 
 
+# settings that make each method do its work (mergekit's density 1.0 would keep everything)
+_SETTINGS = {"ties": {"density": 0.3}, "della": {"density": 0.3}, "sce": {"select_topk": 0.3}}
+
+
 def _peak_added(base, sources, method: str, calibrate: str = "") -> dict:
     # Fixed glibc mmap threshold: every large buffer is mapped and unmapped on its own, so the
     # peak reflects what is alive, not how the heap happened to fragment.
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(base), method, calibrate, *map(str, sources)],
+        [sys.executable, "-c", _MEASURE, str(base),
+         json.dumps({"name": method, **_SETTINGS.get(method, {})}), calibrate, *map(str, sources)],
         capture_output=True, text=True, check=True, env=env,
     )
     return json.loads(result.stdout)
@@ -67,6 +72,7 @@ def _peak_added(base, sources, method: str, calibrate: str = "") -> dict:
 @pytest.mark.parametrize("method, calibrate", [
     ("ties", ""), ("task_arithmetic", ""), ("dare", ""),
     ("axis", "svc"), ("tsv", ""), ("iso_cts", "svc"),
+    ("della", ""), ("sce", ""),  # DELLA's row ranks and draws; SCE's three passes
 ])
 def test_task_peak_memory_does_not_grow_with_sources(twelve_sources, method, calibrate):
     base, sources = twelve_sources

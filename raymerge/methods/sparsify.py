@@ -15,6 +15,7 @@ import hashlib
 from collections.abc import Iterator, Sequence
 from typing import Annotated, Literal
 
+import numpy as np
 import torch
 from pydantic import BeforeValidator, Field
 from torch import Tensor
@@ -150,11 +151,8 @@ def keep_magprune(values: Tensor, density: float, epsilon: float, generator: tor
     for start in range(0, rows.shape[0], step):
         block, block_draws = rows[start:start + step], draws[start:start + step]
         if length > 1:
-            order = block.abs().argsort(dim=-1, stable=True)
-            ranks = torch.empty_like(order).scatter_(
-                -1, order, torch.arange(length, device=order.device).expand_as(order))
-            probability = ranks.to(torch.float64).mul_(2 * epsilon / (length - 1)).add_(
-                density - epsilon)
+            probability = row_ranks(block).to(torch.float64).mul_(
+                2 * epsilon / (length - 1)).add_(density - epsilon)
         else:
             probability = torch.full(block.shape, density, dtype=torch.float64,
                                      device=block.device)
@@ -162,6 +160,24 @@ def keep_magprune(values: Tensor, density: float, epsilon: float, generator: tor
         block.copy_(kept.div_(probability) if inverse_rescale else kept)
     if moved is not None:
         values.copy_(moved.movedim(-1, 1))
+
+
+def row_ranks(rows: Tensor) -> Tensor:
+    """Each entry's 0-based rank by magnitude within its row (int64), equal magnitudes ranked
+    by position: a total order, so every machine draws the same mask."""
+    length = rows.shape[-1]
+    if rows.device.type == "cpu" and rows.dtype == torch.float32:
+        # A non-negative float32 orders as its bit pattern; with the column in the low 32 bits
+        # every key is distinct, and numpy's (unstable, vectorised) sort of int64 keys is ~3x
+        # faster than a stable argsort.
+        magnitudes = rows.abs().numpy().view(np.int32)
+        keys = (magnitudes.astype(np.int64) << 32) | np.arange(length, dtype=np.int64)
+        keys.sort(axis=-1)
+        order = torch.from_numpy(keys & 0xFFFFFFFF)
+    else:
+        order = rows.abs().argsort(dim=-1, stable=True)
+    positions = torch.arange(length, device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
 
 
 def l1_rescale_factor(before: float, after: float) -> float:

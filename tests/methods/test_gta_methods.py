@@ -18,6 +18,7 @@ from raymerge.methods.sparsify import (
     keep_largest,
     keep_magprune,
     keep_random,
+    row_ranks,
     source_generator,
 )
 from raymerge.recipe import method_settings, recipe_from_dict
@@ -192,6 +193,12 @@ def test_random_drops_keep_the_density_fraction_with_dare_masks():
     untouched = torch.ones(shape)
     keep_random(untouched, 1.0, source_generator(0, NAME, 2))
     assert untouched.all()
+
+
+def test_magprune_ranks_magnitudes_in_each_row_ties_by_position():
+    rows = torch.tensor([[0.5, -0.5, 0.1, 0.0, -0.0, 2.0], [3.0, 1.0, -2.0, 0.5, 0.25, 4.0]])
+    expected = [[3, 4, 2, 0, 1, 5], [4, 2, 3, 1, 0, 5]]
+    assert row_ranks(rows).tolist() == expected == row_ranks(rows.double()).tolist()
 
 
 def test_magprune_keeps_large_entries_more_often_and_inverse_rescale_is_unbiased():
