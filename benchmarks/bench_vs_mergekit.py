@@ -1,52 +1,70 @@
-"""raymerge vs mergekit: wall time and peak memory (largest single process) on the same 8
-synthetic fine-tunes of a ~150M-parameter Llama-shaped model (bfloat16), run side by side.
+"""raymerge vs mergekit vs a plain one-process loop: wall time, source GB/s and peak memory on the
+same 8 synthetic fine-tunes, the tools alternated in one command (2 rounds, medians).
 
-    python benchmarks/bench_vs_mergekit.py --mergekit /path/to/venv/bin/mergekit-yaml
+    python benchmarks/bench_vs_mergekit.py --size small      # 8 × ~108 MB (bfloat16)
+    python benchmarks/bench_vs_mergekit.py --size 0.67b      # 8 × 1.34 GB: hidden 2048, 12 layers
 
-raymerge runs twice per method: "cold", where the command starts (and stops) its own local Ray
-cluster and hashes every source for the manifest, and "running cluster", a repeat run against a
-cluster started beforehand with `ray start --head` (as under `ray job submit`), which finds the
-source hashes remembered. Peak memory counts the Ray worker processes in both.
-
-mergekit is installed in its own virtual environment (it pins its own transformers), e.g.
-    python -m venv /tmp/mkvenv && /tmp/mkvenv/bin/pip install torch==2.13.0 mergekit
+mergekit 0.1.5 runs from its own virtual environment, created by the script the first time
+(`--mergekit-venv`, default /tmp/raymerge-mergekit-venv). raymerge runs as a user runs it:
+`raymerge merge` with no cluster running (it starts a private local one). The plain loop is the
+simplest correct merge: `safe_open` each tensor of each source, `acc += W_i.float() − B`, write
+bfloat16 (one process, all tensors of the output in memory until written). Sources are read from a
+warm page cache (each run is preceded by a read of every file). Peak memory: the largest resident
+set of any single process of the run (raymerge: driver, writer actor and every Ray worker).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-import shutil
+import statistics
 import subprocess
 import sys
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 from proctree import run_measured
 
-from raymerge.synthetic import LLAMA_150M, llama_config, write_base, write_finetune
+from raymerge.synthetic import llama_config, write_base, write_finetune
 
-METHODS = {"task_arithmetic": {}, "ties": {"density": 0.5}}
+SIZES = {
+    "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
+                  num_attention_heads=8, num_key_value_heads=8, vocab_size=32000),
+    "0.67b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
+                  num_attention_heads=16, num_key_value_heads=16, vocab_size=32000),
+}
+METHODS = {"task_arithmetic": {}, "ties": {"density": 0.2}}
+MERGEKIT = "mergekit==0.1.5"
 
 
-def make_sources(work: Path, count: int) -> tuple[Path, list[Path]]:
-    base = work / "base"
+def make_family(work: Path, size: str, count: int) -> tuple[Path, list[Path]]:
+    root = work / f"family-{size}"
+    base = root / "base"
     if not (base / "config.json").exists():
-        print(f"generating base and {count} fine-tunes in {work} ...", flush=True)
-        write_base(base, llama_config(dtype="bfloat16", **LLAMA_150M), max_shard_bytes=2**28)
+        print(f"generating the {size} base and {count} fine-tunes in {root} ...", flush=True)
+        write_base(base, llama_config(dtype="bfloat16", **SIZES[size]), max_shard_bytes=2**30)
     sources = []
     for index in range(count):
-        path = work / f"ft-{index}"
+        path = root / f"ft-{index}"
         if not (path / "config.json").exists():
-            write_finetune(base, path, seed=index, max_shard_bytes=2**28)
+            write_finetune(base, path, seed=index, max_shard_bytes=2**30)
         sources.append(path)
     return base, sources
 
 
+def ensure_mergekit(venv: Path) -> Path:
+    """mergekit-yaml from its own venv (mergekit pins its own transformers)."""
+    executable = venv / "bin" / "mergekit-yaml"
+    if not executable.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU build where it is local
+        subprocess.run([*pip, MERGEKIT], check=True)
+    return executable
+
+
 def warm_page_cache(paths: list[Path]) -> None:
-    """Both tools read from a warm page cache: neither pays the first read from disk."""
     for path in paths:
         for file in sorted(path.glob("*.safetensors")):
             with open(file, "rb") as handle:
@@ -54,92 +72,130 @@ def warm_page_cache(paths: list[Path]) -> None:
                     pass
 
 
-def mergekit_config(base: Path, sources: list[Path], method: str) -> dict:
+def source_bytes(sources: list[Path]) -> int:
+    return sum(f.stat().st_size for s in sources for f in s.glob("*.safetensors"))
+
+
+PLAIN_LOOP = r"""
+import sys, torch
+from pathlib import Path
+from safetensors import safe_open
+from safetensors.torch import save_file
+base, out, *sources = map(Path, sys.argv[1:])
+def files(directory):
+    return sorted(directory.glob("*.safetensors"))
+where = {}
+for path in [base, *sources]:
+    for file in files(path):
+        with safe_open(file, "pt") as handle:
+            for name in handle.keys():
+                where[(path, name)] = file
+merged = {}
+for (path, name), file in where.items():
+    if path != base:
+        continue
+    with safe_open(file, "pt") as handle:
+        b = handle.get_tensor(name).float()
+    acc = torch.zeros_like(b)
+    for source in sources:
+        with safe_open(where[(source, name)], "pt") as handle:
+            acc += handle.get_tensor(name).float() - b
+    merged[name] = (b + acc).to(torch.bfloat16)
+out.mkdir(parents=True, exist_ok=True)
+save_file(merged, out / "model.safetensors")
+"""
+
+
+def run_raymerge(work: Path, base: Path, sources: list[Path], method: str, env: dict) -> dict:
+    out = work / f"out-raymerge-{method}"
+    recipe = work / f"raymerge-{method}.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "base": str(base), "sources": [str(s) for s in sources],
+        "method": {"name": method, **METHODS[method]},
+        "output": {"path": str(out), "dtype": "bfloat16"}}))
+    run = run_measured([sys.executable, "-m", "raymerge.cli", "merge", str(recipe),
+                        "--no-progress", "--json"], env=env)
+    record = json.loads(run["output"].strip().splitlines()[-1])
+    return {**run, "merge_seconds": record["seconds"], "output_path": out}
+
+
+def run_mergekit(work: Path, base: Path, sources: list[Path], method: str, mergekit: Path,
+                 env: dict) -> dict:
+    config = work / f"mergekit-{method}.yaml"
     parameters = {"weight": 1.0, **METHODS[method]}
-    return {"merge_method": method, "base_model": str(base), "dtype": "bfloat16",
-            "models": [{"model": str(s), "parameters": parameters} for s in sources]}
+    config.write_text(yaml.safe_dump({
+        "merge_method": method, "base_model": str(base), "dtype": "bfloat16",
+        "models": [{"model": str(s), "parameters": parameters} for s in sources]}))
+    out = work / f"out-mergekit-{method}"
+    return {**run_measured([str(mergekit), str(config), str(out), "--no-copy-tokenizer",
+                            "--quiet", "--no-write-model-card"], env=env), "output_path": out}
 
 
-def raymerge_recipe(base: Path, sources: list[Path], method: str, out: Path) -> dict:
-    return {"base": str(base), "sources": [str(s) for s in sources],
-            "method": {"name": method, **METHODS[method]},
-            "output": {"path": str(out), "dtype": "bfloat16"},
-            "runtime": {"num_cpus": 1, "max_in_flight": 4}}
-
-
-@contextmanager
-def running_cluster(env: dict):
-    """A local cluster started the way an operator starts one, stopped afterwards."""
-    subprocess.run(["ray", "start", "--head", f"--num-cpus={os.cpu_count()}",
-                    "--include-dashboard=false", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True)
-    try:
-        yield
-    finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True)
-
-
-def max_difference(left: Path, right: Path) -> float:
-    from raymerge.sources.checkpoint import Checkpoint, read_tensor
-
-    a, b = Checkpoint.open("a", left), Checkpoint.open("b", right)
-    return max(float((read_tensor(a.tensors[n]).float() - read_tensor(b.tensors[n]).float())
-                     .abs().max()) for n in a.tensors)
+def run_plain(work: Path, base: Path, sources: list[Path], env: dict) -> dict:
+    out = work / "out-plain"
+    return {**run_measured([sys.executable, "-c", PLAIN_LOOP, str(base), str(out),
+                            *map(str, sources)], env=env), "output_path": out}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mergekit", required=True, help="path to mergekit-yaml")
-    parser.add_argument("--work", default="benchmarks/work", help="where models are generated")
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument("--work", default="benchmarks/work")
     parser.add_argument("--sources", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--mergekit-venv", default="/tmp/raymerge-mergekit-venv")
+    parser.add_argument("--no-mergekit", action="store_true", help="raymerge and the loop only")
     args = parser.parse_args()
 
     work = Path(args.work).resolve()
-    base, sources = make_sources(work, args.sources)
-    raymerge = shutil.which("raymerge") or sys.exit("raymerge is not on PATH: pip install -e .")
+    work.mkdir(parents=True, exist_ok=True)
+    base, sources = make_family(work, args.size, args.sources)
+    mergekit = None if args.no_mergekit else ensure_mergekit(Path(args.mergekit_venv))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env.pop("RAY_ADDRESS", None)
+    read = source_bytes(sources)
     print(f"command: {' '.join(sys.argv)}")
-    print(f"cpus: {os.cpu_count()}, sources: {len(sources)} x {base.name} "
-          f"({sum(f.stat().st_size for f in base.glob('*.safetensors')) / 2**20:.0f} MiB each)")
-    rows = []
-    for method in args.methods:
-        warm_page_cache([base, *sources])
-        config = work / f"mergekit-{method}.yaml"
-        config.write_text(yaml.safe_dump(mergekit_config(base, sources, method)))
-        mk_out = work / f"out-mergekit-{method}"
-        shutil.rmtree(mk_out, ignore_errors=True)
-        mk = run_measured([args.mergekit, str(config), str(mk_out), "--no-copy-tokenizer",
-                           "--quiet", "--no-write-model-card"], env=env)
-
-        warm_page_cache([base, *sources])
-        recipe = work / f"raymerge-{method}.yaml"
-        rm_out = work / f"out-raymerge-{method}"
-        recipe.write_text(yaml.safe_dump(raymerge_recipe(base, sources, method, rm_out)))
-        # A first run hashes every source for the manifest; the repeat run on the running cluster
-        # finds the hashes remembered, as a scheduled regeneration of unchanged sources does.
-        env["RAYMERGE_CACHE"] = tempfile.mkdtemp(prefix="raymerge-bench-cache-")
-        cold = run_measured([raymerge, "merge", str(recipe), "--no-progress"], env=env)
-        difference = max_difference(rm_out, mk_out)
-        rows.append((method, "cold", mk, cold, difference))
-        with running_cluster(env):
-            warm_page_cache([base, *sources])
-            warm = run_measured([raymerge, "merge", str(recipe), "--no-progress", "--address",
-                                 "auto"], env=env, also_watch="ray::")
-        rows.append((method, "running cluster", mk, warm, difference))
+    print(f"cpus: {os.cpu_count()}; {len(sources)} sources of {args.size}, "
+          f"{read / len(sources) / 1e9:.3f} GB each, {read / 1e9:.2f} GB read in all")
+    results: dict[tuple[str, str], list[dict]] = {}
+    for round_index in range(args.rounds):
+        for method in args.methods:
+            tools = [("raymerge", lambda: run_raymerge(work, base, sources, method, env))]
+            if mergekit is not None:
+                tools.append(("mergekit", lambda: run_mergekit(work, base, sources, method,
+                                                               mergekit, env)))
+            if method == "task_arithmetic":
+                tools.append(("plain loop", lambda: run_plain(work, base, sources, env)))
+            for tool, run in tools:
+                warm_page_cache([base, *sources])
+                result = run()
+                results.setdefault((method, tool), []).append(result)
+                print(f"round {round_index + 1} {method} {tool}: {result['seconds']:.1f} s, "
+                      f"peak {result['peak_rss'] / 2**30:.2f} GiB", flush=True)
 
     print()
-    print("| method | raymerge Ray | mergekit wall s | raymerge wall s | time ratio "
-          "| mergekit peak MiB | raymerge peak MiB (process) | memory ratio | max abs diff |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for method, mode, mk, rm, difference in rows:
-        print(f"| {method} | {mode} | {mk['seconds']:.1f} | {rm['seconds']:.1f} | "
-              f"{rm['seconds'] / mk['seconds']:.2f} | {mk['peak_rss'] / 2**20:.0f} | "
-              f"{rm['peak_rss'] / 2**20:.0f} ({rm['peak_process'].strip()}) | "
-              f"{rm['peak_rss'] / mk['peak_rss']:.2f} | {difference:.3g} |")
-    for method, mode, _, rm, _ in rows:
-        print(f"\nraymerge {method} ({mode}) summary:\n" + "\n".join(
-            line for line in rm["output"].splitlines() if line.startswith(("merged", "  "))))
+    print("| method | tool | wall s (median) | GB/s of sources | peak memory GiB (process) | "
+          "time ÷ mergekit | memory ÷ mergekit |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for method in args.methods:
+        reference = results.get((method, "mergekit"))
+        for (row_method, tool), runs in results.items():
+            if row_method != method:
+                continue
+            wall = statistics.median(r["seconds"] for r in runs)
+            peak = max(r["peak_rss"] for r in runs)
+            ratio = memory = "—"
+            if reference:
+                ratio = f"{wall / statistics.median(r['seconds'] for r in reference):.2f}"
+                memory = f"{peak / max(r['peak_rss'] for r in reference):.2f}"
+            process = runs[0]["peak_process"].strip()
+            print(f"| {method} | {tool} | {wall:.1f} | {read / wall / 1e9:.2f} | "
+                  f"{peak / 2**30:.2f} ({process}) | {ratio} | {memory} |")
+        merges = [r["merge_seconds"] for r in results[(method, "raymerge")]]
+        print(f"\nraymerge {method}: merge time (the summary's, from the cluster's connection "
+              f"to the finished output) median {statistics.median(merges):.1f} s, "
+              f"{read / statistics.median(merges) / 1e9:.2f} GB/s of sources\n")
 
 
 if __name__ == "__main__":

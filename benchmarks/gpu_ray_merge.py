@@ -160,7 +160,7 @@ def main() -> None:
     ]
     outputs = {}
     for label, method, runtime, in_flight, dtype in runs:
-        out = work / f"out-{label}-{runtime['num_gpus']}"
+        out = work / f"out-{label}-{runtime['num_gpus']}-{in_flight}"
         shutil.rmtree(out, ignore_errors=True)
         record = ray_merge({"base": str(base), "sources": [str(p) for p in sources], **method,
                             "output": {"path": str(out), "dtype": dtype},

@@ -49,7 +49,8 @@ class MergeJob:
         settings, source_settings, weights = settings_for_tensor(
             self.method, self.source_parameters or [{}] * len(self.sources), self.weights,
             tensor.name, tensor.layer_position)
-        return build_method(settings, weights, options, self.svc_alpha, source_settings)
+        return build_method(settings, weights, options, self.svc_alpha, source_settings,
+                            tensor=(tensor.name, tensor.shape))
 
 
 def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -75,6 +76,8 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
                 raise ClusterError(out_of_gpu_memory(unit, tensor.name)) from None
             outputs[tensor.name] = to_numpy_bits(merged)
             del merged
+            for suffix, part_stats in method.report.parts.items():  # an expert stack's slices
+                tensor_stats[tensor.name + suffix] = part_stats
             if method.report.save_factors and method.report.factors is not None:
                 factors[tensor.name] = dict(zip("USV", map(to_numpy_bits, method.report.factors)))
     stats = {

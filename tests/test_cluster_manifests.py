@@ -68,3 +68,9 @@ def test_example_registry_is_valid():
     registry, root = load_registry(CLUSTER / "registry.yaml")
     assert root == CLUSTER.resolve() and registry.factor_cache
     assert [model.name for model in registry.models] == ["team-axis", "team-ties"]
+    for model in registry.models:  # every recipe it names exists and is a valid recipe
+        if isinstance(model.recipe, str):
+            from raymerge.recipe import load_recipe
+
+            recipe = load_recipe(root / model.recipe)
+            assert recipe.output.path == model.output

@@ -15,6 +15,7 @@ from .della import Della
 from .della_linear import DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
+from .per_slice import PerSlice
 from .sce import Sce
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
@@ -39,13 +40,20 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
 
 def build_method(settings: MethodSettings, weights: Sequence[float], options: MergeOptions,
                  svc_alpha: float | None = None,
-                 source_settings: Sequence[MethodSettings] | None = None) -> Method:
+                 source_settings: Sequence[MethodSettings] | None = None,
+                 tensor: tuple[str, tuple[int, ...]] | None = None) -> Method:
     """The recipe's method for one tensor (settings resolved for it), wrapped in SVC
-    calibration when the recipe asks for it."""
-    method = METHODS[settings.name](settings, weights, options, source_settings)
-    if svc_alpha is None:
-        return method
-    return Calibrated(method, svc_alpha, options)
+    calibration when the recipe asks for it. With `tensor` (name, shape), an expert stack is
+    merged slice by slice by a method that works on matrices."""
+    method_class = METHODS[settings.name]
+
+    def one() -> Method:
+        method = method_class(settings, weights, options, source_settings)
+        return method if svc_alpha is None else Calibrated(method, svc_alpha, options)
+
+    if tensor is not None and method_class.matrix_wise and options.is_expert_stack(*tensor):
+        return PerSlice(one, slices=tensor[1][0])
+    return one()
 
 
 def footprint(name: str, calibrated: bool) -> tuple[int, int]:

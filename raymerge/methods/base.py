@@ -44,6 +44,10 @@ class MergeOptions:
     def is_spectral_matrix(self, name: str, shape: tuple[int, ...] | Size) -> bool:
         return len(shape) == 2 and not is_excluded(name, list(self.exclude))
 
+    def is_expert_stack(self, name: str, shape: tuple[int, ...] | Size) -> bool:
+        """A 3-D [experts, m, n] tensor: E matrices for the spectral steps (methods/per_slice)."""
+        return len(shape) == 3 and not is_excluded(name, list(self.exclude))
+
 
 @dataclass(frozen=True)
 class Statistic:
@@ -72,6 +76,8 @@ class TensorReport:
     factors: tuple[Tensor, Tensor, Tensor] | None = None
     save_factors: bool = False  # write them to the spectral_factors/ sidecar (AXIS, for tuning)
     stats: dict = field(default_factory=dict)
+    # statistics of the parts of a tensor merged apart (an expert stack's slices), by suffix
+    parts: dict[str, dict] = field(default_factory=dict)
 
 
 class Method:
@@ -92,6 +98,9 @@ class Method:
     state_tensors: ClassVar[int] = 1
     # Whether the method draws random numbers (seeded per seed, tensor and source).
     random: ClassVar[bool] = False
+    # Whether it treats matrices as matrices (spectral methods): an expert stack [E, m, n] is
+    # then merged as E matrices, one method object per slice (methods/per_slice.py).
+    matrix_wise: ClassVar[bool] = False
     statistics: ClassVar[tuple[Statistic, ...]] = ()
 
     def __init__(self, settings: MethodSettings, weights: Sequence[float],

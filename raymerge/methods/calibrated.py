@@ -38,17 +38,24 @@ class Calibrated(Method):
 
     def begin(self, name: str, base: Tensor) -> None:
         self.inner.begin(name, base)
-        self.calibrating = self.options.is_spectral_matrix(name, base.shape)
+        # an expert stack [E, m, n] (after a method that merges it whole): SVC per slice
+        self.slices = base.shape[0] if self.options.is_expert_stack(name, base.shape) else None
+        self.calibrating = self.slices is not None or self.options.is_spectral_matrix(
+            name, base.shape)
         self.passes = self.inner.passes + (SVC_PASSES if self.calibrating else 0)
-        self.calibration: SvcCalibration | None = None
+        self.calibrations: list[SvcCalibration] | None = None
         self.report = TensorReport()
+
+    def _parts(self, tensor: Tensor) -> list[Tensor]:
+        return list(tensor) if self.slices is not None else [tensor]
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         if pass_index < self.inner.passes:
             self.inner.update(pass_index, source_index, delta)
             return
         self._start_calibration()
-        self.calibration.add(delta)
+        for calibration, part in zip(self.calibrations, self._parts(delta)):
+            calibration.add(part)
 
     def update_factored(self, pass_index: int, source_index: int, left: Tensor,
                         right: Tensor) -> None:
@@ -57,7 +64,8 @@ class Calibrated(Method):
             self.inner.update_factored(pass_index, source_index, left, right)
             return
         self._start_calibration()
-        self.calibration.add_projected((self.calibration.U.mT @ left) @ right.mT)
+        [calibration] = self.calibrations  # adapters hold matrices only
+        calibration.add_projected((calibration.U.mT @ left) @ right.mT)
 
     def cached_update(self, pass_index: int, source_index: int) -> bool:
         """The inner method's passes may take a source from the factor cache; SVC's may not."""
@@ -65,29 +73,41 @@ class Calibrated(Method):
                                                                            source_index)
 
     def _start_calibration(self) -> None:
-        if self.calibration is None:
+        if self.calibrations is None:
             merged = self.inner.finish().mul_(self.scale)
-            self.calibration = SvcCalibration(merged, self.alpha, self._inner_factors())
+            factors = self._inner_factors() if self.slices is None else None
+            self.calibrations = [SvcCalibration(part, self.alpha, factors)
+                                 for part in self._parts(merged)]
 
     def finish(self) -> Tensor:
         if not self.calibrating:
             merged = self.inner.finish().mul_(self.scale)
             self.report = self.inner.report
             return merged
-        calibrated, factors = self.calibration.finish()
-        gamma = self.calibration.gamma.double().cpu()
+        results = [calibration.finish() for calibration in self.calibrations]
+        stats = [{**self._statistics(calibration, factors)}
+                 for calibration, (_, factors) in zip(self.calibrations, results)]
+        if self.slices is None:
+            self.report = TensorReport(factors=tuple(results[0][1]),
+                                       save_factors=self.inner.report.save_factors,
+                                       stats={**self.inner.report.stats, **stats[0]})
+            calibrated = results[0][0]
+        else:
+            self.report = TensorReport(stats=dict(self.inner.report.stats),
+                                       parts={f"[{index}]": part
+                                              for index, part in enumerate(stats)})
+            calibrated = torch.stack([result[0] for result in results])
+        self.calibrations = None
+        return calibrated
+
+    @staticmethod
+    def _statistics(calibration: SvcCalibration, factors: Svd) -> dict:
+        gamma = calibration.gamma.double().cpu()
         quantiles = torch.quantile(gamma, torch.tensor(list(GAMMA_QUANTILES.values()),
                                                        dtype=torch.float64))
-        self.report = TensorReport(
-            factors=tuple(factors),
-            save_factors=self.inner.report.save_factors,
-            stats={**self.inner.report.stats,
-                   **{key: round(float(q), 6) for key, q in zip(GAMMA_QUANTILES, quantiles)},
-                   "spectrum_before": self.calibration.S.float().cpu().tolist(),
-                   "spectrum_after": factors.S.float().cpu().tolist()},
-        )
-        self.calibration = None
-        return calibrated
+        return {**{key: round(float(q), 6) for key, q in zip(GAMMA_QUANTILES, quantiles)},
+                "spectrum_before": calibration.S.float().cpu().tolist(),
+                "spectrum_after": factors.S.float().cpu().tolist()}
 
     def _inner_factors(self) -> Svd | None:
         """The basis the method built M in (spectral methods), scaled by λ; None: SVD of λ·M."""

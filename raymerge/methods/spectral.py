@@ -17,6 +17,7 @@ class SpectralSettings(MethodSettings):
 class SpectralMethod(Method):
     Settings = SpectralSettings
     state_tensors = 2
+    matrix_wise = True
 
     def begin(self, name: str, base: Tensor) -> None:
         self.tensor_name = name
