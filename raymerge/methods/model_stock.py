@@ -6,9 +6,10 @@ row): cos θ = mean over pairs i < j of Δ_i·Δ_j / max(|Δ_i||Δ_j|, 1e-6), ea
 [−1, 1]; t = N·cos θ / (1 + (N − 1)·cos θ), and t = 0 where |1 + (N − 1)·cos θ| < 1e-6;
 result t·mean(W_i) + (1 − t)·B, so M = t·(1/N)·Σ Δ_i. Needs the base and at least two sources.
 
-Streamed in one pass: with u_i = Δ_i/|Δ_i| (0 for a zero Δ_i),
-Σ_{i<j} u_i·u_j = (|Σ u_i|² − Σ |u_i|²)/2, so two running sums (Σ u_i, Σ Δ_i) and a count of
-non-zero vectors give the mean cosine over all N(N−1)/2 pairs without holding any pair."""
+Streamed in one pass: Σ_{i<j} u_i·u_j = Σ_j u_j·S_{j−1} with u_i = Δ_i/|Δ_i| (0 for a zero Δ_i)
+and S_j = u_1 + … + u_j, so a running sum S and a running pair sum per vector give the mean
+cosine over all N(N−1)/2 pairs without holding any pair. (The same as (|S_N|² − Σ|u_i|²)/2, but
+without that difference of two numbers near N, which loses the digits of a small cos θ.)"""
 
 from __future__ import annotations
 
@@ -43,29 +44,22 @@ class ModelStock(Method):
     def begin(self, name: str, base: Tensor) -> None:
         # filter_wise: each row (a 1-D tensor is one row); else the whole tensor
         self.dims = vector_dims(base, "rows" if self.settings.filter_wise else "whole")
-        self.unit_sum = torch.zeros_like(base)
+        self.unit_sum = torch.zeros_like(base)  # S_j
         self.delta_sum = torch.zeros_like(base)
-        self.nonzero = torch.zeros(self._scalar_shape(base), dtype=torch.float64,
-                                   device=base.device)
-
-    def _scalar_shape(self, tensor: Tensor) -> tuple[int, ...]:
-        return tuple(1 if dim in self.dims else size for dim, size in enumerate(tensor.shape))
-
-    def _norms(self, tensor: Tensor) -> Tensor:
-        return inner(tensor, tensor, self.dims).sqrt()
+        self.pair_sum: Tensor | float = 0.0  # Σ_{i<j} u_i·u_j, per vector
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         self.delta_sum.add_(delta)
-        norms = self._norms(delta)
+        norms = inner(delta, delta, self.dims).sqrt()
         present = norms > 0
-        self.nonzero += present
         inverse = torch.where(present, 1.0 / torch.where(present, norms, 1.0), 0.0)
-        self.unit_sum.addcmul_(delta, inverse.to(delta.dtype))
+        unit = delta.mul_(inverse.to(delta.dtype))
+        self.pair_sum = self.pair_sum + inner(unit, self.unit_sum, self.dims)
+        self.unit_sum.add_(unit)
 
     def finish(self) -> Tensor:
         count = self.num_sources
-        pair_sum = (self._norms(self.unit_sum).square() - self.nonzero) / 2  # Σ_{i<j} u_i·u_j
-        cosine = pair_sum / (count * (count - 1) / 2)
+        cosine = self.pair_sum / (count * (count - 1) / 2)
         denominator = 1 + (count - 1) * cosine
         singular = denominator.abs() < SINGULAR
         ratio = torch.where(singular, 0.0, count * cosine / torch.where(singular, 1.0,
