@@ -11,7 +11,9 @@ with shared_i = #{entries: m_i, c > 1} and unique_i = #{entries: m_i, c = 1} ove
 M = Σ_i m_i·Δ_i·(λ_i where c = 1, 1/c where c > 1).
 
 RAM is one pass with a running masked sum and a count. RAM+ needs c before any λ_i: pass 1
-counts, pass 2 adds each source with its coefficients. Counts are int16 (N < 32768)."""
+counts and sums the changes, pass 2 sums them again, each source's scaled by its λ_i; the
+merge takes the second sum where c = 1 and the first ÷ c elsewhere. Counts are int16
+(N < 32768)."""
 
 from __future__ import annotations
 
@@ -64,31 +66,33 @@ class RamPlus(Method):
     paper = "Reinforced Agent Merging, arXiv 2601.13572; mergekit ramplus_tl"
     Settings = RamPlusSettings
     max_passes = 2
-    state_tensors = 3  # the merged delta, the int16 count and 1/c
+    state_tensors = 3  # the masked sum, the boosted masked sum, the int16 count
 
     def begin(self, name: str, base: Tensor) -> None:
         self.count = torch.zeros_like(base, dtype=torch.int16)
-        self.merged: Tensor | None = None
-        self.reciprocal: Tensor | None = None
+        self.changed_sum = torch.zeros_like(base)  # Σ m_i·Δ_i: the merge where c > 1 (÷ c)
+        self.boosted_sum: Tensor | None = None  # Σ λ_i·m_i·Δ_i: the merge where c = 1
+        self.unique: Tensor | None = None
 
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
-        epsilon = self.settings.epsilon
-        changed = delta.abs() > epsilon
+        changed = delta.abs() > self.settings.epsilon
+        changes = delta.mul_(changed)
         if pass_index == 0:
             self.count += changed
+            self.changed_sum.add_(changes)
             return
-        if self.merged is None:  # the counts are final
-            self.merged = torch.zeros_like(delta)
-            self.reciprocal = self.count.clamp(min=1).to(delta.dtype).reciprocal_()
-        unique = self.count == 1
-        unique_changes = int((changed & unique).sum())
-        shared_changes = int(changed.sum()) - unique_changes  # changed entries have c ≥ 1
-        overlap = shared_changes / max(unique_changes, epsilon)
+        if self.unique is None:  # the counts are final
+            self.unique = self.count == 1
+            self.boosted_sum = torch.zeros_like(changes)
+        # where c = 1 one source changed the entry, so the sum there is λ_i·Δ_i of that source
+        unique_changes = int((changed & self.unique).sum())
+        shared_changes = int(changed.sum()) - unique_changes  # a changed entry has c ≥ 1
+        overlap = shared_changes / max(unique_changes, self.settings.epsilon)
         boost = 1 + self.settings.r * min(max(overlap, 0.0), self.settings.alpha)
-        coefficient = torch.where(unique, boost, self.reciprocal)
-        self.merged.addcmul_(delta.mul_(changed), coefficient)
+        self.boosted_sum.add_(changes, alpha=boost)
 
     def finish(self) -> Tensor:
-        merged = self.merged
-        self.merged = self.count = self.reciprocal = None
+        merged = torch.where(self.unique, self.boosted_sum,
+                             self.changed_sum.div_(self.count.clamp_(min=1)))
+        self.changed_sum = self.boosted_sum = self.count = self.unique = None
         return merged

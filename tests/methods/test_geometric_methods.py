@@ -253,6 +253,28 @@ def test_karcher_in_float32_is_close_to_the_float64_definition(strength):
     _assert_delta_close(merged, expected, base, 2e-5)
 
 
+def test_karcher_then_svc_calibrates_the_karcher_mean_after_its_early_stop():
+    from reference_spectral import svc
+
+    from raymerge.methods import build_method
+
+    base, deltas = _problem((20, 12), 3, 0.3, seed=15, dtype=torch.float64)
+    method = build_method(method_settings({"name": "karcher", "scale": 0.8}), [1.0] * 3,
+                          MergeOptions(), svc_alpha=0.5)
+    method.begin(NAME, base.clone())
+    reads = 0
+    for pass_index in range(method.passes):
+        for index, delta in enumerate(deltas):
+            if not method.cached_update(pass_index, index):
+                reads += 1
+                method.update(pass_index, index, delta.clone())
+    merged = method.finish()
+    karcher_mean, iterations = karcher([base, *_models(base, deltas)])
+    expected = svc(0.8 * (karcher_mean - base), deltas, 0.5)
+    torch.testing.assert_close(merged, expected, rtol=1e-9, atol=1e-12)
+    assert iterations < 10 and reads == 3 * (1 + iterations) + 3  # + SVC's pass
+
+
 @pytest.mark.parametrize("case", ["zero_source", "zero_base", "all_zero", "tol"])
 def test_karcher_edge_cases_as_mergekit(case):
     base, deltas = _problem((10, 6), 3, 0.4, seed=10, dtype=torch.float64)
