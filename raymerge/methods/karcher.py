@@ -11,7 +11,8 @@ cos θ_p = clamp(m·u_p, −1, 1); stop if |T| < tol; m ← cos|T|·m + sin|T|·
 The result is (Σ_p α·n_p)·m (0 when no point is valid), so M = (Σ α·n_p)·m − B.
 
 Streamed: pass 0 takes the norms (P numbers) and Σ u_p; pass k ≥ 1 is iteration k, with m and
-T as the only full-size state. Once |T| < tol the remaining passes read nothing
+T as the only full-size state (the base's term of T is formed in the engine's delta buffer
+after the last source's). Once |T| < tol the remaining passes read nothing
 (`cached_update`: their contribution is known, none). θ_p is atan2(|u_p − cos θ_p·m|, cos θ_p):
 the same angle as acos, but accurate when u_p and m are nearly parallel (as fine-tunes are)."""
 
@@ -77,9 +78,9 @@ class Karcher(Method):
             return
         if source_index == 0:
             self.tangent = torch.zeros_like(self.mean)
-            self._add_to_tangent(self.base.clone(), self.norms[0])
         self._add_to_tangent(point, self.norms[1 + source_index])
-        if last:
+        if last:  # the base's term, in the buffer the last source no longer needs
+            self._add_to_tangent(delta.copy_(self.base), self.norms[0])
             self._step()
 
     def _add_to_mean(self, point: Tensor) -> None:
