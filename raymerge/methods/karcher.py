@@ -55,12 +55,9 @@ class Karcher(Method):
         self.mean = torch.zeros_like(base)  # pass 0: Σ u_p over the valid points
         self.tangent: Tensor | None = None
         self.first_unit: Tensor | None = None  # the fallback start, kept only if B is not valid
+        self.valid_count = 0  # points with n_p > tol, once pass 0 is done
         self.converged = False
         self._add_to_mean(base)
-
-    @property
-    def valid_count(self) -> int:
-        return sum(point_norm > self.tol for point_norm in self.norms)
 
     def cached_update(self, pass_index: int, source_index: int) -> bool:
         """Once the iteration has converged, later passes need nothing from the sources."""
@@ -94,7 +91,7 @@ class Karcher(Method):
 
     def _start_iteration(self) -> None:
         """m = Σ a_p·u_p normalised (the first valid u where that sum is about zero)."""
-        valid = self.valid_count
+        self.valid_count = valid = sum(point_norm > self.tol for point_norm in self.norms)
         if valid == 0:
             self.converged = True  # the result is 0
             return
