@@ -166,6 +166,18 @@ class Recipe(StrictModel):
             source.parameters = {key: getattr(checked, key) for key in source.parameters}
         return self
 
+    @model_validator(mode="after")
+    def _weights_have_effect(self) -> Recipe:
+        """A source weight on a method that weighs no source would be silently ignored."""
+        if type(self.method).takes_weights:
+            return self
+        for index, source in enumerate(self.sources):
+            if source.weight != 1.0:
+                raise ValueError(
+                    f"sources.{index}.weight: method {self.method.name} does not weigh its "
+                    "sources (as in mergekit, it takes no weight); remove the weight")
+        return self
+
     def svc_alpha(self) -> float | None:
         """SVC's α, or None when the recipe does not calibrate."""
         if self.calibrate is None or self.calibrate.svc is None:

@@ -116,6 +116,9 @@ class MethodSettings(StrictModel):
     # keys a source may set for itself (sources[i].parameters), as mergekit's per-model
     # parameters; every other key is one value (or gradient, or filter list) for all sources
     per_source: ClassVar[frozenset[str]] = frozenset()
+    # whether the sources' `weight` w_i has an effect (mergekit's slerp, karcher, model_stock, ...
+    # take no weights): where it has none, a weight other than 1 is refused
+    takes_weights: ClassVar[bool] = True
 
     @classmethod
     def svc_auto_alpha(cls, num_sources: int) -> tuple[float, str]:

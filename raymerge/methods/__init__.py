@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .arcee_fusion import ArceeFusion
 from .axis import Axis
 from .base import COMMON_STATISTICS, MergeOptions, Method, MethodSettings, Statistic, TensorReport
 from .breadcrumbs import Breadcrumbs
@@ -15,8 +16,15 @@ from .della import Della
 from .della_linear import DellaLinear
 from .iso_c import IsoC
 from .iso_cts import IsoCts
+from .karcher import Karcher
+from .model_stock import ModelStock
+from .multislerp import Multislerp
+from .nearswap import Nearswap
+from .nuslerp import Nuslerp
 from .per_slice import PerSlice
+from .ram import Ram, RamPlus
 from .sce import Sce
+from .slerp import Slerp
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
@@ -29,6 +37,15 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     IsoC,
     IsoCts,
     Axis,
+    Slerp,
+    Nuslerp,
+    Multislerp,
+    Karcher,
+    ModelStock,
+    Nearswap,
+    ArceeFusion,
+    Ram,
+    RamPlus,
     DareTies,
     Breadcrumbs,
     BreadcrumbsTies,
