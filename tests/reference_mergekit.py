@@ -137,10 +137,9 @@ def gta(method: str, deltas: torch.Tensor, weights: list[float], name: str = "",
     return combine(sparse, weights, consensus, normalize, zero_sum_sign)
 
 
-def sce(deltas: torch.Tensor, weights: list[float], select_topk: float = 1.0) -> torch.Tensor:
-    """mergekit sce_merge on τ_i = w_i·Δ_i."""
-    w = torch.tensor(weights, dtype=deltas.dtype).view(-1, *[1] * (deltas.dim() - 1))
-    tvs = deltas * w
+def sce(deltas: torch.Tensor, select_topk: float = 1.0) -> torch.Tensor:
+    """mergekit sce_merge on the task vectors τ_i = Δ_i (it takes no weights)."""
+    tvs = deltas
     if select_topk <= 0:
         tvs = tvs * 0
     elif select_topk < 1:
@@ -155,6 +154,6 @@ def sce(deltas: torch.Tensor, weights: list[float], select_topk: float = 1.0) ->
     mean_squares = tvs.square().reshape(len(tvs), -1).mean(1)
     total = mean_squares.sum()
     shares = (torch.full_like(mean_squares, 1 / len(tvs)) if total.abs() < 1e-6
-              else mean_squares / total).view_as(w)
+              else mean_squares / total).view(-1, *[1] * (tvs.dim() - 1))
     erased = shares * agrees
     return (tvs * erased).sum(0) / erased.sum(0).clamp(min=1e-6)

@@ -1,5 +1,5 @@
-"""`raymerge merge` with each method of mergekit's generalized task arithmetic family and SCE, on
-the tiny float32 Llama with weights and per-source parameters, equals the dense float64
+"""`raymerge merge` with each method of mergekit's generalized task arithmetic family (with
+weights and per-source parameters) and SCE, on the tiny float32 Llama, equals the dense float64
 reference written from mergekit's formulas."""
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def test_merge_equals_mergekit_dense_reference(ray_cluster, float32_family, tmp_
     block, per_source, reference_settings = CASES[method]
     scale = 0.8
     out = tmp_path / "merged"
+    weights = [1.0] * len(WEIGHTS) if method == "sce" else WEIGHTS  # sce weighs no source
     sources = [{"path": str(path), "weight": weight,
                 "parameters": {key: values[index] for key, values in per_source.items()}}
-               for index, (path, weight) in enumerate(zip(float32_family["sources"], WEIGHTS))]
+               for index, (path, weight) in enumerate(zip(float32_family["sources"], weights))]
     recipe = write_recipe(tmp_path / "recipe.yaml", {
         "base": str(float32_family["base"]), "sources": sources,
         "method": {**block, "scale": scale}, "output": {"path": str(out)}})
@@ -50,9 +51,9 @@ def test_merge_equals_mergekit_dense_reference(ray_cluster, float32_family, tmp_
     for name, base_tensor in base.items():
         deltas = deltas_of(base_tensor, [source[name] for source in loaded])
         if method == "sce":
-            merged_delta = sce(deltas, WEIGHTS, block["select_topk"])
+            merged_delta = sce(deltas, block["select_topk"])
         else:
-            merged_delta = gta(method, deltas, WEIGHTS, name=name,
+            merged_delta = gta(method, deltas, weights, name=name,
                                **{**shared, **per_source, **reference_settings})
         expected = (base_tensor.double() + scale * merged_delta).to(torch.float32)
         assert_merged_close(merged[name], expected, name)

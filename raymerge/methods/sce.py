@@ -1,6 +1,7 @@
 """SCE: Select, Calculate, Erase (FuseChat, arXiv 2408.07990), as mergekit 0.1.5's `sce`.
 
-With task vectors τ_i = w_i·Δ_i (mergekit has no weights: w_i = 1):
+With task vectors τ_i = Δ_i (SCE weighs the sources itself: as in mergekit, a source weight is
+refused):
   Select:    where `select_topk` < 1, keep the k = int(select_topk · #{var > 0}) entries with the
              largest variance across the sources, var = (1/N)·Σ_i (τ_i − mean τ)², zero the rest.
   Calculate: s_i = mean over entries of τ_i² (after selection); ŝ_i = s_i / Σ_j s_j, or 1/N where
@@ -33,6 +34,7 @@ SELECT, CALCULATE, ERASE = range(3)
 class SceSettings(MethodSettings):
     # fraction of the entries (of those that vary across sources) kept by variance; 1: all
     select_topk: Varying[Annotated[float, Field(ge=0.0, le=1.0)]] = 1.0
+    takes_weights = False
 
 
 class Sce(Method):
@@ -60,8 +62,7 @@ class Sce(Method):
         phase = pass_index if self.selecting else pass_index + 1
         if phase != self.phase:
             self._start(phase)
-        weight = self.weights[source_index]
-        tau = delta if weight == 1.0 else delta.mul_(weight)
+        tau = delta
         if phase == SELECT:
             self._accumulate_variance(source_index + 1, tau)
             return

@@ -126,9 +126,10 @@ def test_float64_streaming_matches_to_float64_precision(n):
              seed=1)),
         ("breadcrumbs_ties", {"density": 0.5, "gamma": 0.1, "rescale": "l1"},
          gta("breadcrumbs_ties", deltas, weights, density=0.5, gamma=0.1, rescale="l1")),
-        ("sce", {"select_topk": 0.4}, sce(deltas, weights, 0.4)),
+        ("sce", {"select_topk": 0.4}, sce(deltas, 0.4)),
     ]:
-        merged = _stream(method, base, deltas, weights, **settings)
+        merged = _stream(method, base, deltas, [1.0] * n if method == "sce" else weights,
+                         **settings)
         torch.testing.assert_close(merged, expected, rtol=1e-12, atol=1e-14)
 
 
@@ -136,10 +137,10 @@ def test_float64_streaming_matches_to_float64_precision(n):
 @pytest.mark.parametrize("scale", [1.0, 1e-3])  # 1e-3: Σ s_i < 1e-6, mergekit's uniform shares
 @pytest.mark.parametrize("n", [2, 5])
 def test_sce_equals_mergekit_dense_reference(select_topk, scale, n):
-    base, deltas, weights = _problem(n, (20, 18), seed=n + int(10 * select_topk))
+    base, deltas, _ = _problem(n, (20, 18), seed=n + int(10 * select_topk))
     deltas = deltas * scale
-    merged = _stream("sce", base, deltas, weights, select_topk=select_topk)
-    expected = sce(deltas.double(), weights, select_topk)
+    merged = _stream("sce", base, deltas, [1.0] * n, select_topk=select_topk)
+    expected = sce(deltas.double(), select_topk)
     torch.testing.assert_close(merged.double(), expected, rtol=2e-5, atol=1e-6 * scale)
 
 
@@ -297,6 +298,7 @@ def test_state_is_a_fixed_number_of_tensor_sized_buffers_whatever_n(method):
     held = {}
     for n in (2, 9):
         base, deltas, weights = _problem(n, shape, seed=n)
+        weights = [1.0] * n if method == "sce" else weights
         instance = METHODS[method](method_settings({"name": method, **NEW_METHODS[method]}),
                                    weights)
         instance.begin(NAME, base)
@@ -347,3 +349,6 @@ def test_mergekit_booleans_map_and_keys_without_an_effect_are_refused():
             method_settings({"name": "dare_ties", key: True})
     with pytest.raises(ValueError, match="select_topk"):
         method_settings({"name": "sce", "select_topk": 1.5})
+    with pytest.raises(RecipeError, match="sources.1.weight: method sce does not weigh"):
+        recipe_from_dict({"base": "b", "method": {"name": "sce"},
+                          "sources": ["s0", {"path": "s1", "weight": 0.5}]})

@@ -221,7 +221,7 @@ def test_output_inside_a_source_is_refused(tmp_path, float32_family, capsys):
     ({"base": "b", "sources": []}, "sources: List should have at least 1 item"),
     ({"base": "b", "sources": ["s"], "method": {"name": "ties", "density": 1.5}},
      "method.density: Input should be less than or equal to 1"),
-    ({"base": "b", "sources": ["s"], "method": {"name": "slerp"}}, "unknown method 'slerp'"),
+    ({"base": "b", "sources": ["s"], "method": {"name": "sleep"}}, "unknown method 'sleep'"),
     ({"base": "b", "sources": ["s"], "method": {"name": "axis", "k": 0}},
      "method.k: k must be a positive integer"),
     ({"base": "b", "sources": ["s"], "method": {"name": "axis", "k": 1.5}},
