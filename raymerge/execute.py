@@ -217,7 +217,7 @@ def _numpy_chunks(checkpoint: Checkpoint, name: str, shape: tuple[int, ...]):
         source = handle.get_slice(name)
         step = max(1, READ_CHUNK_ELEMENTS // max(1, math.prod(shape[1:])))
         for start in range(0, shape[0], step):
-            yield start, source[start:start + step]
+            yield start, source[start:min(start + step, shape[0])]
 
 
 @contextmanager
@@ -284,7 +284,7 @@ def _read_runs(target: torch.Tensor, checkpoint: Checkpoint, name: str, axis: in
         # the vocabulary on another axis: slices of the first dimension, re-indexed in place
         step = max(1, _chunk(target) // max(1, math.prod(info.shape[1:])))
         for start in range(0, info.shape[0], step):
-            raw = source[start:start + step].to(target.device)
+            raw = source[start:min(start + step, info.shape[0])].to(target.device)
             block = target[start:start + step]
             for out, src, count in runs:
                 block.narrow(axis, out, count).copy_(raw.narrow(axis, src, count))
