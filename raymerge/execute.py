@@ -24,7 +24,7 @@ from raymerge.settings import MethodSettings, settings_for_tensor
 from raymerge.sources.checkpoint import Checkpoint
 from raymerge.sources.lora import LoraAdapter
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
-from raymerge.vocabulary import Reindexing, Runs
+from raymerge.vocabulary import Reindexing, Runs, runs_of
 
 READ_CHUNK_ELEMENTS = 1 << 20  # rows are read from the mapped file about this many at a time
 GPU_READ_CHUNK_ELEMENTS = 1 << 24  # fewer, larger host-to-device copies
@@ -303,13 +303,17 @@ def _read_base_reindexed(base: torch.Tensor, job: MergeJob, name: str,
             base.narrow(axis, out, 1).zero_()
             for source_index, row in holders:
                 holders_of.setdefault(source_index, []).append((out, row))
-        row_buffer = torch.empty_like(base.narrow(axis, 0, 1))
         for source_index, rows in sorted(holders_of.items()):
             source = job.sources[source_index]
-            for out, row in rows:
-                _read_runs(row_buffer, source, name, axis, ((0, row, 1),))
-                _check_finite(row_buffer, source, name)
-                base.narrow(axis, out, 1).add_(row_buffer)
+            # this source's rows of those tokens, side by side: one opening of its file
+            shape = list(base.shape)
+            shape[axis] = len(rows)
+            found = base.new_empty(shape)
+            _read_runs(found, source, name, axis,
+                       runs_of([(k, row) for k, (_, row) in enumerate(rows)]))
+            _check_finite(found, source, name)
+            for k, (out, _) in enumerate(rows):
+                base.narrow(axis, out, 1).add_(found.narrow(axis, k, 1))
         for out, holders in reindexing.new_tokens:
             base.narrow(axis, out, 1).div_(len(holders))
     if reindexing.mean_padding:

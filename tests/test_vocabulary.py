@@ -30,8 +30,9 @@ from raymerge.cli import main
 from raymerge.errors import SourceError
 from raymerge.execute import merge_unit
 from raymerge.merge import _job, prepare
-from raymerge.output.files import copy_checkpoint_files
+from raymerge.output.files import copy_checkpoint_files, remap_token_ids
 from raymerge.output.tokenizer import write_tokenizer
+from raymerge.progress import format_vocabulary
 from raymerge.recipe import recipe_from_dict
 from raymerge.synthetic import write_finetune
 from raymerge.vocabulary import TokenTable, build_output_vocabulary, runs_of, vocabulary_tensors
@@ -42,16 +43,16 @@ SETTINGS = {"scale": 0.8, "density": 0.5, "p": 0.3, "seed": 3}
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory) -> dict:
-    """A base (96 tokens, a chat template in chat_template.jinja) and three fine-tunes: `a`
-    added <|im_start|> and <|im_end|> (and a ChatML template), `b` added <|im_end|> and
-    <tool>, `c` kept the base's vocabulary and has no tokenizer files."""
+    """A base (96 tokens, a chat template in chat_template.jinja, no pad token) and three
+    fine-tunes: `a` added <|im_start|> and <|im_end|> (its pad token, and a ChatML template),
+    `b` added <|im_end|> and <tool>, `c` kept the base's vocabulary and has no tokenizer."""
     root = tmp_path_factory.mktemp("chat")
     base = save_tiny_llama(root / "base", torch.float32)
     (base / "chat_template.jinja").write_text(BASE_TEMPLATE)
     return {
         "base": base,
         "a": add_tokens_to_finetune(base, root / "a", 1, ["<|im_start|>", "<|im_end|>"],
-                                    chat_template=CHATML),
+                                    chat_template=CHATML, pad_token="<|im_end|>"),
         "b": add_tokens_to_finetune(base, root / "b", 2, ["<|im_end|>", "<tool>"]),
         "c": write_finetune(base, root / "c", seed=3, strength=0.2, noise=0.01),
     }
@@ -133,6 +134,8 @@ def test_base_vocabulary_drops_the_added_tokens_and_says_so(chat, tmp_path):
     summary = prepared.vocabulary.summary()
     assert summary["rows"] == 96 and summary["added_tokens"] == []
     assert summary["dropped_tokens"] == {str(chat["a"]): 2, str(chat["b"]): 2}
+    assert format_vocabulary(summary) == (f"base: 96 tokens in 96 rows; 2 tokens of {chat['a']} "
+                                          f"dropped; 2 tokens of {chat['b']} dropped")
     for name in VOCABULARY_TENSORS:
         expected = expected_tensor(chat, name, token_ids(chat["base"]), 96, "task_arithmetic")
         assert merged[name].shape == (96, 32)
@@ -148,6 +151,14 @@ def test_a_source_path_gives_that_source_s_vocabulary(chat, tmp_path):
     for name in VOCABULARY_TENSORS:
         expected = expected_tensor(chat, name, token_ids(chat["a"]), 98, "task_arithmetic")
         assert_merged_close(merged[name], expected.float(), name)
+
+
+def test_plan_shows_the_output_vocabulary(chat, tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "r.yaml", recipe_of(chat, tmp_path / "out",
+                                                          tokenizer={"source": "union"}))
+    assert main(["plan", str(recipe)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "vocabulary: union: 99 tokens in 99 rows, 3 added (<|im_start|>, <|im_end|>, <tool>)")
 
 
 def test_differing_vocabularies_without_the_key_name_both_choices(chat, tmp_path, capsys):
@@ -235,6 +246,13 @@ def test_an_adapter_that_adds_tokens_is_refused(chat, tmp_path):
         {**config, "trainable_token_indices": [96, 97]}))
     with pytest.raises(SourceError, match="adapter uses trainable_token_indices, which raymerge "
                                           "does not merge"):
+        prepare(recipe)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    save_file({"base_model.model.model.embed_tokens.lora_embedding_A": torch.zeros(2, 96),
+               "base_model.model.model.embed_tokens.lora_embedding_B": torch.zeros(32, 2)},
+              adapter / "adapter_model.safetensors")
+    with pytest.raises(SourceError, match="is a LoRA factor of an embedding layer, which "
+                                          "raymerge does not merge"):
         prepare(recipe)
 
 
@@ -349,6 +367,7 @@ def test_union_merge_loads_in_transformers_and_encodes_the_new_tokens(ray_cluste
     assert tokenizer("<|im_start|> w1 <tool> <|im_end|>")["input_ids"] == [96, 1, 98, 97]
     assert tokenizer.chat_template == CHATML
     assert {"<|im_start|>", "<|im_end|>", "<tool>"} <= set(tokenizer.all_special_tokens)
+    assert tokenizer.pad_token == "<|im_end|>"  # a role the base lacks, from the first source
     config = json.loads((out / "config.json").read_text())
     assert config["vocab_size"] == 128
     model = LlamaForCausalLM.from_pretrained(out)
@@ -388,3 +407,58 @@ def test_tied_embeddings_are_reindexed(ray_cluster, tmp_path):
     assert torch.equal(model.lm_head.weight, model.get_input_embeddings().weight)
     ids = AutoTokenizer.from_pretrained(out)("w3 <tool>")["input_ids"]
     assert ids == [3, 96] and torch.isfinite(model(torch.tensor([ids])).logits).all()
+
+
+def _word_level_checkpoint(directory: Path, words: list[str], tensors: dict) -> Path:
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    directory.mkdir()
+    Tokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token=words[0])).save(
+        str(directory / "tokenizer.json"))
+    save_file(tensors, directory / "model.safetensors")
+    (directory / "config.json").write_text(json.dumps({"vocab_size": len(words)}))
+    return directory
+
+
+def test_a_vocabulary_on_another_axis_read_in_small_slices(tmp_path, monkeypatch):
+    """A head stored as hidden × vocabulary (axis 1) and a bias, re-indexed a few elements at a
+    time (the reading chunk shrunk to 8 elements)."""
+    import raymerge.execute
+
+    monkeypatch.setattr(raymerge.execute, "READ_CHUNK_ELEMENTS", 8)
+    generator = torch.Generator().manual_seed(0)
+
+    def tensors(vocab: int) -> dict:
+        return {"embed_tokens.weight": torch.randn(vocab, 5, generator=generator),
+                "lm_head.weight": torch.randn(5, vocab, generator=generator),
+                "lm_head.bias": torch.randn(vocab, generator=generator)}
+
+    base_words, source_words = ["u", "a", "b", "c", "d", "e"], ["u", "b", "a", "x", "c", "d", "e"]
+    base = _word_level_checkpoint(tmp_path / "base", base_words, tensors(6))
+    source = _word_level_checkpoint(tmp_path / "source", source_words, tensors(7))
+    prepared, merged = merged_without_ray({"base": str(base), "sources": [str(source)],
+                                           "method": {"name": "task_arithmetic", "scale": 0.5},
+                                           "tokenizer": {"source": "union"}})
+    assert prepared.vocabulary.reindexing.axes == {"embed_tokens.weight": 0,
+                                                   "lm_head.weight": 1, "lm_head.bias": 0}
+    output_ids = prepared.vocabulary.tokens
+    assert output_ids == {**{w: i for i, w in enumerate(base_words)}, "x": 6}
+    base_tensors, source_tensors = load_tensors(base), load_tensors(source)
+    ids = [{w: i for i, w in enumerate(base_words)}, {w: i for i, w in enumerate(source_words)}]
+    for name, axis in prepared.vocabulary.reindexing.axes.items():
+        rows = lambda t: t.movedim(axis, 0)  # noqa: E731
+        out_base, (out_source,) = reference_rows(rows(base_tensors[name]), ids[0], 6,
+                                                 [rows(source_tensors[name])], ids[1:],
+                                                 output_ids, 7)
+        expected = reference_merge("task_arithmetic", out_base, [out_source], [1.0], scale=0.5)
+        assert_merged_close(merged[name], expected.movedim(0, axis).float(), name)
+    # the source's vocabulary: a and b swap ids, so the config's token ids follow them
+    chosen = prepare(recipe_from_dict({"base": str(base), "sources": [str(source)],
+                                       "tokenizer": {"source": str(source)}})).vocabulary
+    assert chosen.moved_ids == {1: 2, 2: 1, 3: 4, 4: 5, 5: 6}
+    config = {"bos_token_id": 1, "eos_token_id": [2, 0], "text_config": {"pad_token_id": 5},
+              "vocab_size": 6}
+    assert remap_token_ids(config, chosen.moved_ids.get) == {
+        "bos_token_id": 2, "eos_token_id": [1, 0], "text_config": {"pad_token_id": 6},
+        "vocab_size": 6}

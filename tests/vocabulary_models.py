@@ -35,16 +35,18 @@ def save_tied_llama(directory: Path, seed: int = 0) -> Path:
 
 def add_tokens_to_finetune(base: Path, directory: Path, seed: int, tokens: list[str],
                            rows: int | None = None, chat_template: str | None = None,
-                           tokenizer_from: Path | None = None) -> Path:
+                           pad_token: str | None = None) -> Path:
     """A synthetic fine-tune of `base` whose tokenizer added `tokens` as special tokens (as
     `tokenizer.add_special_tokens` + `save_pretrained` do) and whose vocabulary-indexed
     tensors got a trained row for each, padded to `rows` when given."""
     from transformers import AutoTokenizer
 
     write_finetune(base, directory, seed=seed, strength=0.2, noise=0.01)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or base)
+    tokenizer = AutoTokenizer.from_pretrained(base)
     if tokens:
         tokenizer.add_special_tokens({"additional_special_tokens": tokens})
+    if pad_token is not None:
+        tokenizer.pad_token = pad_token
     if chat_template is not None:
         tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(directory)
