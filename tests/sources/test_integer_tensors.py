@@ -143,3 +143,25 @@ def test_an_integer_tensor_of_another_dtype_is_refused(float32_family, tmp_path)
                                           "I32 but the base has I64; integer and boolean tensors"
                                           " are copied from the base"):
         prepare(recipe_from_dict({"base": str(directories[0]), "sources": [str(directories[1])]}))
+
+
+@needs_minilm
+def test_a_slow_only_tokenizer_is_read_and_extended_through_transformers(tmp_path):
+    """vocab.txt without tokenizer.json (a BERT tokenizer as older tools save it): its tokens
+    are those tokenizer.json has, and the union can still append tokens to it."""
+    from raymerge.output.tokenizer import extended_tokenizer_json
+    from raymerge.sources.tokenizer_files import read_token_table
+    from raymerge.vocabulary import TokenTable, build_output_vocabulary
+
+    slow = tmp_path / "slow"
+    slow.mkdir()
+    for name in ("vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MINILM / name, slow / name)
+    table = read_token_table("slow", slow)
+    assert table.tokens == read_token_table("fast", MINILM).tokens and len(table.tokens) == 30522
+    assert table.roles["pad_token"] == "[PAD]" and table.added["[MASK]"]["special"]
+    source = TokenTable({**table.tokens, "<tool>": 30522}, added={"<tool>": {"special": True}})
+    vocabulary = build_output_vocabulary("union", table, 30522, [source], [30523], ["s"], {})
+    extended = json.loads(extended_tokenizer_json("slow", slow, vocabulary))
+    assert {"id": 30522, "content": "<tool>"}.items() <= next(
+        token for token in extended["added_tokens"] if token["content"] == "<tool>").items()
