@@ -331,11 +331,25 @@ def _check_finite_rows(target: torch.Tensor, checkpoint: Checkpoint, name: str, 
         _check_finite(target.narrow(axis, out, count), checkpoint, name)
 
 
+def _gaps(runs: Runs, rows: int) -> list[tuple[int, int]]:
+    """(start, count) of the rows no run covers."""
+    gaps, position = [], 0
+    for out, _, count in sorted(runs):
+        if out > position:
+            gaps.append((position, out - position))
+        position = max(position, out + count)
+    if position < rows:
+        gaps.append((position, rows - position))
+    return gaps
+
+
 def _read_delta_reindexed(delta: torch.Tensor, source: Checkpoint, name: str, axis: int,
                           runs: Runs, base: torch.Tensor) -> None:
     """The source's delta in the output vocabulary: its row of each token it has minus the
-    base's; zero on tokens it lacks and on padding."""
-    delta.zero_()
+    base's; zero on tokens it lacks and on padding (only those rows are cleared: the buffer's
+    other rows are all overwritten)."""
+    for start, count in _gaps(runs, delta.shape[axis]):
+        delta.narrow(axis, start, count).zero_()
     _read_runs(delta, source, name, axis, runs)
     _check_finite_rows(delta, source, name, axis, runs)
     for out, _, count in runs:
