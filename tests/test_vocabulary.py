@@ -447,10 +447,9 @@ def test_a_vocabulary_on_another_axis_read_in_small_slices(tmp_path, monkeypatch
     base_tensors, source_tensors = load_tensors(base), load_tensors(source)
     ids = [{w: i for i, w in enumerate(base_words)}, {w: i for i, w in enumerate(source_words)}]
     for name, axis in prepared.vocabulary.reindexing.axes.items():
-        rows = lambda t: t.movedim(axis, 0)  # noqa: E731
-        out_base, (out_source,) = reference_rows(rows(base_tensors[name]), ids[0], 6,
-                                                 [rows(source_tensors[name])], ids[1:],
-                                                 output_ids, 7)
+        out_base, (out_source,) = reference_rows(base_tensors[name].movedim(axis, 0), ids[0], 6,
+                                                 [source_tensors[name].movedim(axis, 0)],
+                                                 ids[1:], output_ids, 7)
         expected = reference_merge("task_arithmetic", out_base, [out_source], [1.0], scale=0.5)
         assert_merged_close(merged[name], expected.movedim(0, axis).float(), name)
     # the source's vocabulary: a and b swap ids, so the config's token ids follow them
