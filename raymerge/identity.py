@@ -47,6 +47,11 @@ def recipe_digest(recipe: Recipe, identities: dict[str, str] | None = None) -> s
         data["base"] = identities[recipe.base]
         for source in data["sources"]:
             source["path"] = identities[source["path"]]
+        # a checkpoint named by its path as the vocabulary's or the chat template's source
+        if data.get("tokenizer") and data["tokenizer"]["source"] in identities:
+            data["tokenizer"]["source"] = identities[data["tokenizer"]["source"]]
+        if data.get("chat_template") in identities:
+            data["chat_template"] = identities[data["chat_template"]]
     return _digest(data)
 
 

@@ -461,3 +461,18 @@ def test_a_vocabulary_on_another_axis_read_in_small_slices(tmp_path, monkeypatch
     assert remap_token_ids(config, chosen.moved_ids.get) == {
         "bos_token_id": 2, "eos_token_id": [1, 0], "text_config": {"pad_token_id": 6},
         "vocab_size": 6}
+
+
+def test_the_submission_id_names_the_vocabulary_source_by_its_identity():
+    from raymerge.identity import recipe_digest
+
+    def digest(prefix: str) -> str:
+        recipe = recipe_from_dict({"base": f"{prefix}/b", "sources": [f"{prefix}/x"],
+                                   "tokenizer": {"source": f"{prefix}/x"},
+                                   "chat_template": f"{prefix}/x"})
+        return recipe_digest(recipe, {f"{prefix}/b": "sha256:B", f"{prefix}/x": "sha256:X"})
+
+    assert digest("/here") == digest("/moved")  # moving the directories changes nothing
+    plain = {"base": "b", "sources": ["x"]}
+    assert recipe_digest(recipe_from_dict(plain)) != recipe_digest(
+        recipe_from_dict({**plain, "tokenizer": {"source": "union"}}))
