@@ -476,3 +476,37 @@ def test_the_submission_id_names_the_vocabulary_source_by_its_identity():
     plain = {"base": "b", "sources": ["x"]}
     assert recipe_digest(recipe_from_dict(plain)) != recipe_digest(
         recipe_from_dict({**plain, "tokenizer": {"source": "union"}}))
+
+
+def test_union_lists_the_new_tokens_where_the_base_lists_its_own(chat, tmp_path):
+    """A base saved the transformers-4 way (added_tokens_decoder, special_tokens_map.json,
+    added_tokens.json): the appended tokens are listed in each, with their attributes."""
+    from transformers import AutoTokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(chat["base"], base)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    unk = {"content": "[UNK]", "lstrip": False, "normalized": False, "rstrip": False,
+           "single_word": False, "special": True}
+    (base / "tokenizer_config.json").write_text(json.dumps(
+        {**config, "added_tokens_decoder": {"95": unk}}))
+    (base / "special_tokens_map.json").write_text(json.dumps({"unk_token": "[UNK]"}))
+    (base / "added_tokens.json").write_text(json.dumps({}))
+    prepared = prepare(recipe_from_dict({**recipe_of({**chat, "base": base}, tmp_path / "o"),
+                                         "tokenizer": {"source": "union"}}))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_tokenizer(out, prepared.tokenizer_directory, prepared.vocabulary,
+                    prepared.tokenizer_json, prepared.chat_template)
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["added_tokens_decoder"]["96"] == {**unk, "content": "<|im_start|>"}
+    assert sorted(config["added_tokens_decoder"]) == ["95", "96", "97", "98"]
+    assert config["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>", "<tool>"]
+    assert config["pad_token"] == "<|im_end|>"
+    special = json.loads((out / "special_tokens_map.json").read_text())
+    assert special == {"unk_token": "[UNK]", "pad_token": "<|im_end|>",
+                       "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<tool>"]}
+    assert json.loads((out / "added_tokens.json").read_text()) == {
+        "<|im_start|>": 96, "<|im_end|>": 97, "<tool>": 98}
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer("w2 <tool>")["input_ids"] == [2, 98] and tokenizer.pad_token_id == 97
