@@ -100,10 +100,13 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plan_text(prepared) -> str:
-    from raymerge.progress import format_plan
+    from raymerge.progress import format_plan, format_vocabulary
     from raymerge.resolved import resolved_parameters
 
-    return format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan))
+    text = format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan))
+    if prepared.vocabulary is not None:
+        text += f"\nvocabulary: {format_vocabulary(prepared.vocabulary.summary())}"
+    return text
 
 
 def _merge(args: argparse.Namespace) -> int:

@@ -19,6 +19,9 @@ from raymerge.recipe import Recipe
 
 # Recipe fields that change neither the output bytes nor where they go.
 _SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check")}
+# Keys added after recipes were first published: left out of the digest while unset, so that
+# adding them to raymerge changed no existing recipe's submission id.
+_LEFT_OUT_WHEN_UNSET = ("tokenizer", "chat_template")
 
 
 def checkpoint_identity(checkpoint) -> str:
@@ -37,10 +40,18 @@ def recipe_digest(recipe: Recipe, identities: dict[str, str] | None = None) -> s
     for section, keys in _SCHEDULING_ONLY.items():
         for key in keys:
             data[section].pop(key, None)
+    for key in _LEFT_OUT_WHEN_UNSET:
+        if data.get(key) is None:
+            data.pop(key, None)
     if identities is not None:
         data["base"] = identities[recipe.base]
         for source in data["sources"]:
             source["path"] = identities[source["path"]]
+        # a checkpoint named by its path as the vocabulary's or the chat template's source
+        if data.get("tokenizer") and data["tokenizer"]["source"] in identities:
+            data["tokenizer"]["source"] = identities[data["tokenizer"]["source"]]
+        if data.get("chat_template") in identities:
+            data["chat_template"] = identities[data["chat_template"]]
     return _digest(data)
 
 

@@ -15,7 +15,12 @@ from raymerge.identity import checkpoint_identity, resume_key, submission_id
 from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of
 from raymerge.methods.calibrated import SVC_PAPER
 from raymerge.output.card import model_card
-from raymerge.output.files import copy_tokenizer, write_config
+from raymerge.output.files import (
+    copy_checkpoint_files,
+    module_weights,
+    remap_token_ids,
+    write_config,
+)
 from raymerge.output.hub import commit_message, push_to_hub
 from raymerge.output.layout import ShardLayout, layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
@@ -27,10 +32,18 @@ from raymerge.output.staging import (
     check_output_path,
 )
 from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
+from raymerge.output.tokenizer import extended_tokenizer_json, write_tokenizer
 from raymerge.plan import Plan, check_fits, make_plan
 from raymerge.progress import MergeProgress
 from raymerge.recipe import Recipe
 from raymerge.sources import Checkpoint, resolve_checkpoint, validate_sources
+from raymerge.sources.tokenizer_files import ChatTemplate
+from raymerge.sources.vocabularies import (
+    choose_chat_template,
+    output_vocabulary,
+    vocabulary_directory,
+)
+from raymerge.vocabulary import OutputVocabulary
 
 
 @dataclass
@@ -43,6 +56,11 @@ class Prepared:
     sources: list[Checkpoint]
     plan: Plan
     identities: dict[str, str] | None = None  # label -> identity, once computed
+    # the output's vocabulary (None: the base's, unchanged) and tokenizer
+    vocabulary: OutputVocabulary | None = None
+    tokenizer_directory: Path | None = None  # whose tokenizer files the output takes
+    tokenizer_json: str | None = None  # the base's tokenizer.json with the union's new tokens
+    chat_template: ChatTemplate | None = None
 
 
 @dataclass
@@ -57,7 +75,14 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     allow_pickle = allow_pickle or recipe.allow_pickle
     base = resolve_checkpoint(recipe.base, allow_pickle)
     sources = [resolve_checkpoint(source.path, allow_pickle) for source in recipe.sources]
-    validate_sources(base, sources)
+    validate_sources(base, sources, vocabularies_may_differ=recipe.tokenizer is not None)
+    spec = recipe.tokenizer
+    vocabulary = output_vocabulary(base, sources, spec.source if spec else None,
+                                   spec.pad_to_multiple_of if spec else None)
+    tokenizer_directory = vocabulary_directory(base, sources, vocabulary)
+    tokenizer_json = (extended_tokenizer_json(base.label, base.directory, vocabulary)
+                      if vocabulary is not None and vocabulary.appended else None)
+    chat_template = choose_chat_template(recipe.chat_template, base, sources, tokenizer_directory)
     target = Path(out or recipe.output.path).expanduser().resolve()
     check_output_path(target, [base.directory, *(source.directory for source in sources)])
     _device(recipe)  # refuse a device the resources cannot give, before planning
@@ -69,11 +94,14 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
         compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
         passes=passes,
         state_tensors=state_tensors,
+        reindexing=vocabulary.reindexing if vocabulary else None,
     )
     _check_method(recipe, plan, len(sources))
     for unit in plan.units:  # refuse a task memory the largest unit cannot fit in
         check_fits(unit, recipe.runtime.memory)
-    return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan)
+    return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan,
+                    vocabulary=vocabulary, tokenizer_directory=tokenizer_directory,
+                    tokenizer_json=tokenizer_json, chat_template=chat_template)
 
 
 def _check_method(recipe: Recipe, plan: Plan, num_sources: int) -> None:
@@ -81,6 +109,8 @@ def _check_method(recipe: Recipe, plan: Plan, num_sources: int) -> None:
     the settings resolved for it: before any tensor is read."""
     method, options = METHODS[recipe.method.name], _options(recipe)
     for tensor in plan.tensors:
+        if tensor.copied:  # integer tensors are copied, never merged
+            continue
         settings = recipe.method.at(tensor.name, tensor.layer_position)
         method.check(settings, {tensor.name: tensor.shape}, num_sources, options)
 
@@ -112,6 +142,8 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
             summary = _summary(plan, unit_stats, seconds) | {
                 "resumed_units": resumed, "cluster": session.address,
                 "private_cluster": session.private}
+            if prepared.vocabulary is not None:
+                summary["vocabulary"] = prepared.vocabulary.summary()
             hashes = hasher.result()
             summary["submission_id"] = submission_id(recipe, identities_of(prepared))
             with disk_errors(directory, "writing metadata"):
@@ -150,6 +182,7 @@ def _job(prepared: Prepared) -> MergeJob:
         num_threads=max(1, int(recipe.runtime.num_cpus)),
         factor_cache=_factor_cache(prepared),
         memory=recipe.runtime.memory,
+        reindexing=prepared.vocabulary.reindexing if prepared.vocabulary else None,
     )
 
 
@@ -228,6 +261,7 @@ def _device(recipe: Recipe) -> str:
 
 def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
     return {
+        "copied_tensors": [tensor.name for tensor in plan.tensors if tensor.copied],
         "seconds": seconds,
         "units": len(plan.units),
         "num_tensors": len(plan.tensors),
@@ -246,9 +280,19 @@ def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
 
 def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: list[dict],
                     summary: dict, hashes: dict[str, str]) -> None:
-    recipe, base = prepared.recipe, prepared.base
-    write_config(base.directory, directory, {t.output_dtype for t in prepared.plan.tensors})
-    copy_tokenizer(base.directory, directory)
+    recipe, base, vocabulary = prepared.recipe, prepared.base, prepared.vocabulary
+    reindexed = vocabulary is not None and vocabulary.reindexing is not None
+    token_ids = vocabulary.moved_ids.get if reindexed and vocabulary.moved_ids else None
+    write_config(base.directory, directory, {t.output_dtype for t in prepared.plan.tensors},
+                 vocabulary_rows=vocabulary.rows if reindexed else None, token_ids=token_ids)
+    tokenizer_files = write_tokenizer(directory, prepared.tokenizer_directory or base.directory,
+                                      vocabulary, prepared.tokenizer_json, prepared.chat_template)
+    copied = copy_checkpoint_files(base.directory, directory)
+    generation_config = directory / "generation_config.json"
+    if token_ids is not None and generation_config.exists():  # ids in the output's vocabulary
+        generation_config.write_text(json.dumps(remap_token_ids(
+            json.loads(generation_config.read_text()), token_ids), indent=2) + "\n")
+    summary["copied_files"] = copied
     (directory / "raymerge_recipe.yaml").write_text(recipe.to_yaml())
     revisions = {c.label: c.revision for c in [base, *prepared.sources]}
     method = METHODS[recipe.method.name]
@@ -275,11 +319,26 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
             for source, spec in zip(prepared.sources, recipe.sources)
         ],
         "output": {"shards": [s.file_name for s in layout.shards], "total_size": layout.total_size},
+        "files": {
+            "tokenizer": {"from": _label_of(prepared, prepared.tokenizer_directory),
+                          "files": tokenizer_files,
+                          "chat_template": prepared.chat_template.origin
+                          if prepared.chat_template else None},
+            "copied_from_base": copied,
+            "unmerged_module_weights": module_weights(copied),
+        },
         "summary": summary,
         "tensors": {name: manifest_stats(stats, statistics)
                     for name, stats in tensor_stats.items()},
     }
     (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _label_of(prepared: Prepared, directory: Path | None) -> str:
+    for checkpoint in [prepared.base, *prepared.sources]:
+        if checkpoint.directory == directory:
+            return checkpoint.label
+    return prepared.base.label
 
 
 def _calibration(recipe: Recipe) -> dict | None:

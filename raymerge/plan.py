@@ -6,11 +6,12 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from raymerge.dtypes import ITEM_SIZES
+from raymerge.dtypes import ITEM_SIZES, is_integer_code
 from raymerge.roles import block_of, layer_positions, natural_key
 
 if TYPE_CHECKING:  # the writer actor imports this module; it needs no torch
     from raymerge.sources.checkpoint import Checkpoint
+    from raymerge.vocabulary import Reindexing
 
 _NO_BLOCK_TARGET = 256 * 2**20
 
@@ -20,10 +21,15 @@ class TensorTask:
     """One tensor to merge: where the base keeps it and what the output holds."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # the output's (a vocabulary-indexed tensor's rows may change)
     base_dtype: str
     output_dtype: str
     layer_position: float = 0.0  # t ∈ [0, 1], where parameter gradients are evaluated
+
+    @property
+    def copied(self) -> bool:
+        """An integer or boolean tensor: copied from the base (sources must agree), not merged."""
+        return is_integer_code(self.base_dtype)
 
     @property
     def numel(self) -> int:
@@ -78,8 +84,11 @@ def make_plan(
     compute_itemsize: int = 4,
     passes: int = 1,
     state_tensors: int = 1,
+    reindexing: Reindexing | None = None,
 ) -> Plan:
-    """Group the base's tensors into work units and estimate what each costs."""
+    """Group the base's tensors into work units and estimate what each costs. With
+    `reindexing`, vocabulary-indexed tensors have the output vocabulary's rows. Integer and
+    boolean tensors keep the base's dtype."""
     names = sorted(base.tensors, key=natural_key)
     groups: dict[str, list[str]] = {}
     loose: list[str] = []
@@ -100,9 +109,11 @@ def make_plan(
         tensors = tuple(
             TensorTask(
                 name=name,
-                shape=base.tensors[name].shape,
+                shape=(reindexing.shape(name, base.tensors[name].shape) if reindexing
+                       else base.tensors[name].shape),
                 base_dtype=base.tensors[name].dtype,
-                output_dtype=output_dtype or base.tensors[name].dtype,
+                output_dtype=(base.tensors[name].dtype if is_integer_code(base.tensors[name].dtype)
+                              else output_dtype or base.tensors[name].dtype),
                 layer_position=positions[name],
             )
             for name in tensor_names
@@ -137,8 +148,10 @@ def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_t
     output_bytes = sum(tensor.output_bytes for tensor in tensors)
     # While one tensor is merged the task holds: the base and the current source delta in the
     # compute dtype, the method's state, the raw source tensor, and the unit's finished outputs.
+    # A copied (integer) tensor: the base's and one source's, compared.
     working, peak_tensor = max(
-        (tensor.numel * compute_itemsize * (2 + state_tensors)
+        (2 * tensor.output_bytes if tensor.copied else
+         tensor.numel * compute_itemsize * (2 + state_tensors)
          + max(source.nbytes_of(tensor.name) for source in sources), tensor.name)
         for tensor in tensors
     )

@@ -34,6 +34,9 @@ class MergeProgress:
 def format_summary(summary: dict, output: str) -> str:
     return "\n".join([
         f"merged {summary['num_sources']} sources into {output}",
+        *_vocabulary_lines(summary.get("vocabulary")),
+        *_listed("copied tensors", summary.get("copied_tensors"), "(integer, as in the base)"),
+        *_listed("files copied", summary.get("copied_files"), "(from the base)"),
         f"  time                 {summary['seconds']:.1f} s "
         f"({summary['units']} units, {summary['num_tensors']} tensors)",
         f"  bytes read           {format_size(summary['read_bytes'])} "
@@ -44,6 +47,30 @@ def format_summary(summary: dict, output: str) -> str:
         f"  Ray cluster          {summary['cluster']}"
         f"{' (private, started for this run)' if summary['private_cluster'] else ''}",
     ])
+
+
+def format_vocabulary(vocabulary: dict) -> str:
+    """One line: the output vocabulary, the tokens it adds, the tokens it drops."""
+    added = vocabulary["added_tokens"]
+    text = (f"{vocabulary['source']}: {vocabulary['tokens']} tokens in {vocabulary['rows']} rows"
+            + (f", {len(added)} added ({_few(added)})" if added else ""))
+    for label, count in vocabulary["dropped_tokens"].items():
+        text += f"; {count} tokens of {label} dropped"
+    return text
+
+
+def _vocabulary_lines(vocabulary: dict | None) -> list[str]:
+    return [f"  vocabulary           {format_vocabulary(vocabulary)}"] if vocabulary else []
+
+
+def _listed(what: str, names: list[str] | None, note: str) -> list[str]:
+    return [f"  {what:<20} {len(names)} {note}: {_few(names)}"] if names else []
+
+
+def _few(names: list[str], shown: int = 4) -> str:
+    text = ", ".join(repr(name) if " " in name or not name.isprintable() else name
+                     for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def format_plan(plan: Plan, parameters: dict[int, str] | None = None) -> str:

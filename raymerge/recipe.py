@@ -118,6 +118,15 @@ class RuntimeSpec(StrictModel):
         return None if value is None else parse_size(value)
 
 
+class TokenizerSpec(StrictModel):
+    """The output's vocabulary: the base's, the union of every checkpoint's (the base's tokens
+    in order, then each source's new ones), or one source's (its path as the recipe writes
+    it). Tokens are matched by their strings."""
+
+    source: str
+    pad_to_multiple_of: int | None = Field(None, ge=1)
+
+
 class Recipe(StrictModel):
     base: str
     sources: list[SourceSpec] = Field(min_length=1)
@@ -128,6 +137,9 @@ class Recipe(StrictModel):
     output: OutputSpec = OutputSpec()
     runtime: RuntimeSpec = RuntimeSpec()
     allow_pickle: bool = False
+    tokenizer: TokenizerSpec | None = None
+    # the output's chat template: "base", a source's path as written, or a Jinja template
+    chat_template: str | None = None
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -176,6 +188,24 @@ class Recipe(StrictModel):
                 raise ValueError(
                     f"sources.{index}.weight: method {self.method.name} does not weigh its "
                     "sources (as in mergekit, it takes no weight); remove the weight")
+        return self
+
+    @model_validator(mode="after")
+    def _vocabulary_choices(self) -> Recipe:
+        """tokenizer.source and chat_template name the base or a source as the recipe writes
+        them (or, for chat_template, are a Jinja template)."""
+        paths = [source.path for source in self.sources]
+        if self.tokenizer is not None and self.tokenizer.source not in (
+                "base", "union", self.base, *paths):
+            raise ValueError(
+                f"tokenizer.source: {self.tokenizer.source!r} is none of base, union, or a "
+                "source's path as written in sources")
+        template = self.chat_template
+        if template is not None and template not in ("base", self.base, *paths) and not (
+                "{{" in template or "{%" in template):
+            raise ValueError(
+                f"chat_template: {template[:60]!r} is none of base, a source's path as written "
+                "in sources, or a Jinja template (with {{ ... }} or {% ... %})")
         return self
 
     def svc_alpha(self) -> float | None:

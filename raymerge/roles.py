@@ -1,5 +1,5 @@
-"""Tensor roles from name patterns (data, not branches): which block a tensor belongs to, and
-which tensors are kept out of spectral steps."""
+"""Tensor roles from name patterns (data, not branches): which block a tensor belongs to, which
+tensors are kept out of spectral steps, and which are indexed by the vocabulary."""
 
 from __future__ import annotations
 
@@ -11,6 +11,32 @@ DEFAULT_EXCLUDE = ["embed_tokens", "lm_head", "wte", "wpe", "embeddings"]
 # "model.layers.12.mlp.up_proj.weight" -> block "model.layers.12"; covers Llama/Mistral/Qwen
 # (layers), GPT-2/Falcon (h), BERT (encoder.layer), T5 (block) and most others.
 BLOCK_PATTERN = re.compile(r"^(?P<block>(?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)\.")
+
+
+# Tensors indexed by token id (input embeddings, output heads and their biases): the modules
+# whose `.weight` / `.bias` they are, matched at the end of the name. The vocabulary axis is then
+# the dimension whose size is the checkpoint's vocabulary (raymerge.vocabulary).
+VOCABULARY_MODULES = (
+    "embed_tokens", "lm_head",  # Llama, Mistral, Qwen, Gemma, Phi, their MoE models, OPT, T5
+    "wte",  # GPT-2, MPT
+    "word_embeddings",  # Falcon, Bloom, BERT
+    "embed_in", "embed_out",  # GPT-NeoX
+    "tok_embeddings",  # InternLM2 (its head is the top-level "output", below)
+    "output_layer",  # ChatGLM
+    "shared",  # T5's shared embedding
+    "predictions", "predictions.decoder",  # BERT's masked-LM head
+    "shared_head.head",  # DeepSeek-V3's multi-token-prediction head
+    "backbone.embeddings",  # Mamba
+)
+TOP_LEVEL_VOCABULARY_MODULES = ("output",)
+VOCABULARY_PATTERN = re.compile(
+    "(?:" + "|".join(f"^{re.escape(m)}" for m in TOP_LEVEL_VOCABULARY_MODULES) + "|"
+    + "|".join(f"(?:^|\\.){re.escape(m)}" for m in VOCABULARY_MODULES) + r")\.(?:weight|bias)$")
+
+
+def is_vocabulary_role(tensor_name: str) -> bool:
+    """Whether the name is that of a tensor indexed by token id (the shape decides the axis)."""
+    return VOCABULARY_PATTERN.search(tensor_name) is not None
 
 
 def block_of(tensor_name: str) -> str | None:

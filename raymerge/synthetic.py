@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from raymerge.dtypes import RECIPE_TO_CODE
+from raymerge.dtypes import RECIPE_TO_CODE, is_integer_code
 from raymerge.tensor_bits import TORCH_DTYPES
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -81,13 +81,17 @@ def write_base(directory: str | Path, config: dict, seed: int = 0,
 def write_finetune(base_directory: str | Path, directory: str | Path, seed: int,
                    rank: int = 4, strength: float = 0.05, noise: float = 0.002,
                    max_shard_bytes: int | None = None) -> Path:
-    """base + (low-rank + noise) delta, with the base's config and dtype."""
+    """base + (low-rank + noise) delta, with the base's config and dtypes; integer and boolean
+    tensors unchanged."""
     from raymerge.sources.checkpoint import Checkpoint, read_tensor
 
     base = Checkpoint.open(str(base_directory), Path(base_directory))
     generator = torch.Generator().manual_seed(10_000 + seed)
     tensors = {}
     for name, info in base.tensors.items():
+        if is_integer_code(info.dtype):  # position ids, masks: a fine-tune keeps them
+            tensors[name] = read_tensor(info)
+            continue
         weight = read_tensor(info).float()
         if weight.dim() == 2:
             rows, cols = weight.shape

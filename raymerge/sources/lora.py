@@ -22,6 +22,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # base_model.model.<module>.lora_A[.<adapter name>].weight -> <module>.weight
 _LORA_KEY = re.compile(
     r"^base_model\.model\.(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING_LORA_KEY = re.compile(r"^base_model\.model\..+\.lora_embedding_[AB](?:\.[^.]+)?$")
 
 
 @dataclass(frozen=True)
@@ -81,14 +82,17 @@ def open_lora(label: str, directory: Path, revision: str | None = None) -> LoraA
     if config.get("peft_type", "LORA") != "LORA":
         raise SourceError(f"source {label}: PEFT type {config.get('peft_type')} is not LoRA; "
                           "only LoRA adapters can be merged")
-    unsupported = [key for key in ("rank_pattern", "alpha_pattern", "modules_to_save")
-                   if config.get(key)]
+    # modules_to_save and trainable_token_indices train embeddings or heads whole, or the
+    # rows of added tokens: refused, as every other adapter feature raymerge does not merge.
+    unsupported = [key for key in ("rank_pattern", "alpha_pattern", "modules_to_save",
+                                   "trainable_token_indices") if config.get(key)]
     if config.get("fan_in_fan_out"):
         unsupported.append("fan_in_fan_out")
     if unsupported:
         raise SourceError(
             f"source {label}: adapter uses {', '.join(unsupported)}, which raymerge does not "
-            "merge yet; merge it into the base with peft's merge_and_unload and use that model"
+            "merge; merge it into the base with peft's merge_and_unload and use that model "
+            "(with a tokenizer key where it added tokens)"
         )
     weights = directory / ADAPTER_WEIGHTS
     if not weights.exists():
@@ -107,6 +111,11 @@ def _pair_factors(label: str, header: dict[str, TensorInfo], config: dict
     parts: dict[str, dict[str, TensorInfo]] = {}
     for key, info in header.items():
         match = _LORA_KEY.match(key)
+        if match is None and _EMBEDDING_LORA_KEY.match(key):
+            raise SourceError(
+                f"source {label}: adapter tensor {key} is a LoRA factor of an embedding layer, "
+                "which raymerge does not merge; merge it into the base with peft's "
+                "merge_and_unload and use that model")
         if match is None:
             raise SourceError(
                 f"source {label}: adapter tensor {key} is not a LoRA A/B factor of a linear "

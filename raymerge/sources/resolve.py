@@ -11,7 +11,10 @@ from raymerge.sources.lora import LoraAdapter, is_lora_directory, open_lora
 from raymerge.sources.pickle_convert import convert_pickle_checkpoint
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt"]
+# weights, configs (sentence-transformers' 1_Pooling/config.json too), tokenizers, chat
+# templates, and a remote-code model's code (copied to the output, never run)
+HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt",
+                "*.jinja", "*.py"]
 
 
 def resolve_checkpoint(

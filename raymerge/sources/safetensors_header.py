@@ -19,6 +19,8 @@ DTYPE_SIZES = {
 }
 # dtypes raymerge merges (floating point, read exactly by torch)
 MERGEABLE_DTYPES = ("F64", "F32", "F16", "BF16")
+# dtypes raymerge copies from the base, unmerged, when every source holds the same values
+COPIED_DTYPES = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL")
 _MAX_HEADER_BYTES = 100 * 2**20
 
 

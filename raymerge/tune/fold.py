@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..output.files import copy_tokenizer
+from ..output.files import copy_checkpoint_files, copy_tokenizer
 from ..output.layout import layout_shards
 from ..output.shard_writer import ShardWriter
 from ..output.staging import MANIFEST_NAME, Staging, check_output_path
@@ -39,6 +39,7 @@ def write_folded_checkpoint(merged: Path, target: Path, folded: dict[str, Tensor
         if (merged / "config.json").exists():
             shutil.copy2(merged / "config.json", directory / "config.json")
         copy_tokenizer(merged, directory)
+        copy_checkpoint_files(merged, directory)  # generation config, sentence-transformers' ...
         (directory / "README.md").write_text(card)
         (directory / MANIFEST_NAME).write_text(json.dumps(
             {"format": "raymerge-tune/1", "merged_from": str(merged), **report}, indent=2) + "\n")
