@@ -1,75 +1,230 @@
-"""Map a mergekit YAML (task_arithmetic, ties, dare_linear, linear) onto a raymerge recipe."""
+"""A mergekit 0.1.5 YAML as a raymerge recipe. Every key of mergekit's configuration either has
+its effect here or is a one-line RecipeError naming it: none is dropped unread.
+
+mergekit's methods map onto raymerge methods with the settings that reproduce them exactly
+(`MERGEKIT_METHODS`: mergekit's defaults written out where raymerge's differ); mergekit's
+parameters keep their names, values, gradients and filters. Per-model parameters become the
+source's `weight` and `parameters:` (a parameter mergekit binds once for all models, given per
+model, is an error: mergekit would not use it)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from raymerge.errors import RecipeError
 
-_METHODS = {"task_arithmetic": "task_arithmetic", "ties": "ties", "dare_linear": "dare",
-            "linear": "task_arithmetic"}
-_KNOWN_TOP = {"merge_method", "base_model", "models", "parameters", "dtype", "tokenizer_source",
-              "out_dtype"}
+TOP_LEVEL = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+             "tokenizer_source", "tokenizer", "chat_template", "slices", "modules"}
+COMPUTE_DTYPES = {"float64": "float64", "float32": "float32", "bfloat16": "float32",
+                  "float16": "float32"}
+
+
+@dataclass(frozen=True)
+class MergekitMethod:
+    """How one mergekit method becomes a raymerge one."""
+
+    method: str  # the raymerge method
+    shared: tuple[str, ...] = ()  # mergekit parameters bound once for all models
+    per_model: tuple[str, ...] = ()  # mergekit parameters each model may set (besides weight)
+    weights: bool = True  # whether models carry a `weight` (required where mergekit requires)
+    weight_required: bool = False
+    # required | optional (nuslerp: without one, the first model is v0) | symmetric (every model
+    # a point of the merge, base_model too: raymerge's base is the first)
+    base: str = "required"
+    settings: dict[str, Any] = field(default_factory=dict)  # raymerge settings always written
+    defaults: dict[str, Any] = field(default_factory=dict)  # mergekit's defaults raymerge lacks
+    sources: tuple[int, int | None] = (1, None)  # how many non-base models mergekit takes
+
+
+_GTA = dict(weight_required=True)
+MERGEKIT_METHODS: dict[str, MergekitMethod] = {
+    "task_arithmetic": MergekitMethod("task_arithmetic", ("normalize", "lambda"), **_GTA),
+    "ties": MergekitMethod("ties", ("normalize", "rescale", "lambda"), ("density",),
+                           settings={"zero_sum_sign": "positive"},
+                           defaults={"density": 1.0, "normalize": True, "rescale": False},
+                           **_GTA),
+    "dare_linear": MergekitMethod("dare", ("normalize", "rescale", "lambda"), ("density",),
+                                  defaults={"rescale": True}, **_GTA),
+    "dare_ties": MergekitMethod("dare_ties", ("normalize", "rescale", "lambda"), ("density",),
+                                **_GTA),
+    "breadcrumbs": MergekitMethod("breadcrumbs", ("normalize", "rescale", "lambda"),
+                                  ("density", "gamma"), **_GTA),
+    "breadcrumbs_ties": MergekitMethod("breadcrumbs_ties", ("normalize", "rescale", "lambda"),
+                                       ("density", "gamma"), **_GTA),
+    "della": MergekitMethod("della", ("normalize", "rescale", "lambda"), ("density", "epsilon"),
+                            **_GTA),
+    "della_linear": MergekitMethod("della_linear", ("normalize", "rescale", "lambda"),
+                                   ("density", "epsilon"), **_GTA),
+    "sce": MergekitMethod("sce", ("select_topk",), weights=False),
+    "linear": MergekitMethod("task_arithmetic", ("normalize",), base="symmetric",
+                             weight_required=True),
+    "slerp": MergekitMethod("slerp", ("t",), weights=False, sources=(1, 1)),
+    "nuslerp": MergekitMethod("nuslerp", ("nuslerp_flatten", "nuslerp_row_wise"),
+                              base="optional", sources=(1, 2), weight_required=True),
+    "multislerp": MergekitMethod("multislerp", ("normalize_weights", "eps"), base="optional",
+                                 weight_required=True),
+    "karcher": MergekitMethod("karcher", ("max_iter", "tol"), weights=False, base="symmetric",
+                              sources=(2, None)),
+    "model_stock": MergekitMethod("model_stock", ("filter_wise",), weights=False,
+                                  sources=(2, None)),
+    "nearswap": MergekitMethod("nearswap", ("t",), weights=False, sources=(1, 1)),
+    "arcee_fusion": MergekitMethod("arcee_fusion", (), weights=False, sources=(1, 1)),
+    "ram": MergekitMethod("ram", ("epsilon",), weights=False),
+    "ramplus_tl": MergekitMethod("ramplus_tl", ("r", "alpha", "epsilon"), weights=False),
+}
+REFUSED_METHODS = {
+    "passthrough": "merge_method passthrough copies one model's tensors (layer stacking, "
+                   "frankenmerges): a layout job, not a merge; raymerge merges whole models of "
+                   "one architecture tensor by tensor, use mergekit for it",
+}
+# mergekit parameters that change nothing in mergekit's result: said so, in one line
+NO_EFFECT = {
+    "int8_mask": "int8_mask only picks the dtype of mergekit's 0/1 masks (no effect on its result; "
+                 "raymerge's masks are 1-byte already): remove it",
+}
 
 
 def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
-    merge_method = data["merge_method"]
-    if not isinstance(merge_method, str) or merge_method not in _METHODS:
-        raise RecipeError(
-            f"{origin}: merge_method {merge_method!r} has no raymerge equivalent; "
-            f"use one of {', '.join(_METHODS)} or write a raymerge recipe"
-        )
-    unknown = sorted(set(map(str, data)) - _KNOWN_TOP)
+    """The raymerge recipe (a mapping, validated by the caller) for a mergekit configuration."""
+    unknown = sorted(set(map(str, data)) - TOP_LEVEL)
     if unknown:
-        raise RecipeError(f"{origin}: mergekit key {unknown[0]!r} is not supported; remove it")
-    models = data.get("models") or []
+        raise RecipeError(f"{origin}: {unknown[0]!r} is not a key of a mergekit 0.1.5 "
+                          f"configuration (they are: {', '.join(sorted(TOP_LEVEL))}); fix it")
+    for layout_key in ("slices", "modules"):
+        if data.get(layout_key) is not None:
+            raise RecipeError(
+                f"{origin}: {layout_key} (layer ranges or modules taken from each model) change "
+                "the model's layout; raymerge merges whole models tensor by tensor: use models: "
+                "(or mergekit for layer stacking)")
+    name = data.get("merge_method")
+    if isinstance(name, str) and name in REFUSED_METHODS:
+        raise RecipeError(f"{origin}: {REFUSED_METHODS[name]}")
+    if not isinstance(name, str) or name not in MERGEKIT_METHODS:
+        raise RecipeError(f"{origin}: merge_method {name!r} is not a mergekit 0.1.5 method "
+                          f"raymerge knows; use one of {', '.join(sorted(MERGEKIT_METHODS))}")
+    spec = MERGEKIT_METHODS[name]
+    models = data.get("models")
     if not isinstance(models, list) or not models:
         raise RecipeError(f"{origin}: models: give at least one model")
-    top = _mapping(origin, "parameters", data.get("parameters"))
-    base = data.get("base_model")
     entries = [_model_entry(origin, index, entry) for index, entry in enumerate(models)]
-    if base is None:
-        if merge_method != "linear":
-            raise RecipeError(f"{origin}: base_model is required for {merge_method}")
-        base = entries[0][0]  # a weighted average needs no base: deltas from any model cancel
-    sources = [(path, params) for path, params in entries if path != base]
-    if merge_method == "linear":
-        total = sum(_param(origin, p, top, "weight", 1.0) for _, p in entries)
-        if total == 0:
-            raise RecipeError(f"{origin}: linear weights sum to 0; give positive weights")
-        sources = [(path, {**p, "weight": _param(origin, p, top, "weight", 1.0) / total})
-                   for path, p in sources]
-    method: dict[str, Any] = {"name": _METHODS[merge_method]}
-    if "lambda" in top:
-        method["scale"] = top["lambda"]
-    if merge_method in ("ties", "dare_linear"):
-        densities = {_param(origin, p, top, "density", 1.0) for _, p in sources}
-        if len(densities) > 1:
-            raise RecipeError(f"{origin}: per-model density differs ({sorted(densities)}); "
-                              "raymerge uses one density for all sources")
-        density = densities.pop()
-        if merge_method == "ties":
-            method["density"] = density
-        else:
-            method["p"] = 1.0 - density
-    recipe: dict[str, Any] = {
-        "base": str(base),
-        "sources": [{"path": str(path), "weight": _param(origin, p, top, "weight", 1.0)}
-                    for path, p in sources],
-        "method": method,
-    }
-    dtype = data.get("out_dtype") or data.get("dtype")
-    if dtype:
-        recipe["output"] = {"dtype": dtype}
+    base = _model_path(origin, "base_model", data["base_model"], allow_lora=False) \
+        if data.get("base_model") is not None else None
+    top = _parameters(origin, "parameters", data.get("parameters"), spec, shared=True)
+    if "weight" in top:  # checked here too: a weight every model sets itself is not used below
+        _check_weight(origin, "parameters.weight", top["weight"])
+    base, sources, base_weight = _roles(origin, name, spec, base, entries)
+    method = {"name": spec.method, **spec.settings, **_method_values(spec, top, name)}
+    if base_weight is not None:
+        method["base_weight"] = base_weight
+    recipe: dict[str, Any] = {"base": base, "method": method, "sources": [
+        _source(origin, spec, name, index, _adapter_path(origin, index, path, base), params, top)
+        for index, (path, params) in sources]}
+    if name == "linear":
+        recipe["sources"] = _linear_weights(origin, entries, recipe["sources"], top)
+    recipe |= _dtypes(origin, data)
+    recipe |= _vocabulary(origin, data)
     return recipe
 
 
-def _model_entry(origin: Path, index: int, entry: Any) -> tuple[str, dict]:
+def _roles(origin: Path, name: str, spec: MergekitMethod, base: str | None,
+           entries: list[tuple[int, str, dict]]):
+    """(base, [(model index, (source path, its parameters))], base_weight), with mergekit's
+    roles: a base-aware method's base_model is not one of its merged models (a listed one is
+    dropped); for linear and karcher every model is a point of the merge, base_model among them
+    (mergekit appends it when it is not listed), and the first is raymerge's base."""
+    base_weight = None
+    if spec.base == "symmetric":
+        if base is not None and all(path != base for _, path, _ in entries):
+            if name == "linear":
+                raise RecipeError(f"{origin}: base_model is not among the models, and linear "
+                                  "weighs every model (mergekit adds it without a weight, an "
+                                  "error there too); list it under models with a weight")
+            entries = [*entries, (len(entries), base, {})]
+        (first_index, base, first), entries = entries[0], entries[1:]
+        _model_parameters(origin, spec, first_index, first)
+    elif base is None:
+        if spec.base == "required":
+            raise RecipeError(f"{origin}: base_model is required for {name} (mergekit requires "
+                              "it too); add base_model")
+        if name == "multislerp":
+            raise RecipeError(f"{origin}: multislerp without base_model interpolates the models' "
+                              "weights themselves; raymerge's multislerp interpolates task "
+                              "vectors from a base: add base_model")
+        (first_index, base, first), entries = entries[0], entries[1:]  # nuslerp: v0 first
+        _model_parameters(origin, spec, first_index, first)
+        base_weight = first.get("weight")
+        if len(entries) != 1:
+            raise RecipeError(f"{origin}: nuslerp without base_model merges exactly two models, "
+                              f"got {len(entries) + 1}")
+    sources = []
+    for index, path, params in entries:
+        if path == base and spec.base != "symmetric":
+            if params:
+                raise RecipeError(
+                    f"{origin}: models.{index}.parameters: the parameters of base_model have no "
+                    f"effect in {name} (mergekit does not use them either); remove them")
+            continue
+        sources.append((index, (path, params)))
+    low, high = spec.sources
+    count = len(sources) + (1 if spec.base == "symmetric" else 0)
+    if count < low or (high is not None and count > high):
+        wanted = f"{low}" if low == high else f"{low} to {high}" if high else f"at least {low}"
+        raise RecipeError(f"{origin}: {name} merges {wanted} model(s) besides the base, got "
+                          f"{count}; list them under models:")
+    return base, sources, base_weight
+
+
+def _model_entry(origin: Path, index: int, entry: Any) -> tuple[int, str, dict]:
     if not isinstance(entry, dict) or "model" not in entry:
         raise RecipeError(f"{origin}: models.{index}: expected a mapping with 'model'")
-    return str(entry["model"]), _mapping(origin, f"models.{index}.parameters",
-                                         entry.get("parameters"))
+    extra = sorted(set(map(str, entry)) - {"model", "parameters"})
+    if extra:
+        raise RecipeError(f"{origin}: models.{index}.{extra[0]}: not a key of a mergekit model "
+                          "entry (model, parameters)")
+    path = _model_path(origin, f"models.{index}.model", entry["model"], allow_lora=True)
+    return index, path, _mapping(origin, f"models.{index}.parameters", entry.get("parameters"))
+
+
+def _model_path(origin: Path, where: str, reference: Any, allow_lora: bool) -> str:
+    """A mergekit ModelReference: 'path[@revision][+lora]' or {model: {path, revision}, lora}."""
+    if isinstance(reference, dict):
+        unknown = sorted(set(map(str, reference)) - {"model", "lora"})
+        if unknown:
+            raise RecipeError(f"{origin}: {where}.{unknown[0]}: not supported (raymerge reads the "
+                              "architecture from config.json); remove it")
+        model, lora = reference.get("model"), reference.get("lora")
+        if isinstance(model, dict):
+            model = f"{model['path']}@{model['revision']}" if model.get("revision") \
+                else model.get("path")
+        if isinstance(lora, dict):
+            lora = f"{lora['path']}@{lora['revision']}" if lora.get("revision") \
+                else lora.get("path")
+        reference = f"{model}+{lora}" if lora else model
+    if not isinstance(reference, str) or not reference:
+        raise RecipeError(f"{origin}: {where}: expected a model path or Hub id, got {reference!r}")
+    model, plus, lora = reference.partition("+")
+    if not plus:
+        return reference
+    if not allow_lora:
+        raise RecipeError(f"{origin}: {where}: a LoRA on the base model ({reference}) is not "
+                          "supported; merge the adapter into it first")
+    return f"{model}+{lora}"
+
+
+def _adapter_path(origin: Path, index: int, path: str, base: str) -> str:
+    """mergekit's 'model+lora' (the model with the adapter merged in) as a raymerge source: a
+    LoRA adapter source when the model is the base (raymerge merges it in factored form)."""
+    model, plus, lora = path.partition("+")
+    if not plus:
+        return path
+    if model != base:
+        raise RecipeError(
+            f"{origin}: models.{index}.model: {path} is a LoRA on {model}, not on base_model "
+            f"{base}; raymerge's LoRA sources are adapters of the base: merge the adapter into "
+            f"{model} first (peft merge_and_unload) and list the result")
+    return lora
 
 
 def _mapping(origin: Path, where: str, value: Any) -> dict:
@@ -80,9 +235,170 @@ def _mapping(origin: Path, where: str, value: Any) -> dict:
     return value
 
 
-def _param(origin: Path, params: dict, top: dict, key: str, default: float) -> float:
-    value = params.get(key, top.get(key, default))
-    if not isinstance(value, (int, float)):
-        raise RecipeError(f"{origin}: parameter {key} must be a number (gradients of values "
-                          f"across layers are not supported), got {value!r}")
-    return float(value)
+def _parameters(origin: Path, where: str, value: Any, spec: MergekitMethod,
+                shared: bool) -> dict:
+    """mergekit parameters checked against what the method takes (in that scope)."""
+    params = _mapping(origin, where, value)
+    allowed = set(spec.shared) | set(spec.per_model) | ({"weight"} if spec.weights else set())
+    for key in params:
+        if key in NO_EFFECT:
+            raise RecipeError(f"{origin}: {where}.{key}: {NO_EFFECT[key]}")
+        if key not in allowed:
+            takes = ", ".join(sorted(allowed)) or "no parameters"
+            raise RecipeError(f"{origin}: {where}.{key}: not a parameter of mergekit's "
+                              f"{_mergekit_name(spec)} (it takes: {takes}); fix or remove it")
+    return params
+
+
+def _check_weight(origin: Path, where: str, value: Any) -> None:
+    from pydantic import ValidationError
+
+    from raymerge.recipe import SourceSpec
+
+    try:
+        SourceSpec.model_validate({"path": "-", "weight": value})
+    except ValidationError as error:
+        raise RecipeError(f"{origin}: {where}: {error.errors()[0]['msg']}") from None
+
+
+def _mergekit_name(spec: MergekitMethod) -> str:
+    return next(name for name, other in MERGEKIT_METHODS.items() if other is spec)
+
+
+def _method_values(spec: MergekitMethod, top: dict, name: str) -> dict:
+    """The method block: mergekit's shared parameters (lambda is raymerge's scale), then
+    mergekit's defaults where raymerge's differ; per-model keys given at the top level too."""
+    values = dict(spec.defaults)
+    for key, value in top.items():
+        if key == "weight":
+            continue
+        values["scale" if key == "lambda" else key] = value
+    if name == "dare_linear":
+        density = values.pop("density", None)
+        if density is not None:
+            values["p"] = _one_minus(density)
+    if name == "linear":
+        values.pop("normalize", None)  # the weights are divided by their sum instead
+    return values
+
+
+def _model_parameters(origin: Path, spec: MergekitMethod, index: int, params: dict) -> dict:
+    """One model's parameters: the method's, and none that mergekit binds once for all."""
+    params = _parameters(origin, f"models.{index}.parameters", params, spec, shared=False)
+    shared_given = sorted(set(params) & (set(spec.shared) - set(spec.per_model)))
+    if shared_given:
+        raise RecipeError(
+            f"{origin}: models.{index}.parameters.{shared_given[0]}: {_mergekit_name(spec)} "
+            "binds it once for all models (mergekit ignores a per-model value); put it under "
+            "parameters:")
+    return params
+
+
+def _source(origin: Path, spec: MergekitMethod, name: str, index: int, path: str, params: dict,
+            top: dict) -> dict:
+    params = _model_parameters(origin, spec, index, params)
+    source: dict[str, Any] = {"path": path}
+    weight = params.get("weight", top.get("weight"))
+    if spec.weights and weight is None and spec.weight_required and name != "linear":
+        raise RecipeError(f"{origin}: models.{index}: weight is required for {name} (mergekit "
+                          "requires it too); add parameters: {weight: 1.0}")
+    if weight is not None:
+        source["weight"] = weight
+    own = {key: value for key, value in params.items() if key in spec.per_model}
+    if name == "dare_linear" and "density" in own:
+        own = {"p": _one_minus(own.pop("density")), **own}
+    if own:
+        source["parameters"] = own
+    return source
+
+
+def _one_minus(value: Any) -> Any:
+    """mergekit's density as raymerge's drop probability p = 1 − density, through gradients and
+    filters."""
+    if isinstance(value, list):
+        return [_one_minus(entry) for entry in value]
+    if isinstance(value, dict):
+        return {**value, "value": _one_minus(value.get("value"))}
+    return 1.0 - value if isinstance(value, (int, float)) and not isinstance(value, bool) \
+        else value
+
+
+def _linear_weights(origin: Path, entries, sources: list[dict], top: dict) -> list[dict]:
+    """mergekit linear: Σ w_i W_i / Σ w_i over every model, the first as the base. As deltas
+    from it: each other model's weight becomes w_i / Σ w (the base's share is what is left)."""
+    weights = []
+    for index, _path, params in entries:
+        weight = params.get("weight", top.get("weight"))
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool):
+            raise RecipeError(f"{origin}: models.{index}.parameters.weight: linear needs a number "
+                              f"per model (a gradient or filter cannot be normalized), got "
+                              f"{weight!r}")
+        weights.append(float(weight))
+    normalize = top.get("normalize", True)
+    total = sum(weights)
+    if normalize is not True:
+        if total != 1:
+            raise RecipeError(f"{origin}: parameters.normalize: false with weights summing to "
+                              f"{total:g} scales the base too; raymerge merges deltas from a "
+                              "base: use normalize: true or weights that sum to 1")
+        total = 1.0
+    if total == 0:
+        raise RecipeError(f"{origin}: linear weights sum to 0; give positive weights")
+    return [{**source, "weight": weight / total}
+            for source, weight in zip(sources, weights[1:])]
+
+
+def _dtypes(origin: Path, data: dict) -> dict:
+    """out_dtype (else dtype) is the output's dtype; dtype float64 computes in float64. Lower
+    precisions compute in float32 in raymerge (mergekit computes in them)."""
+    result: dict[str, Any] = {}
+    dtype, out_dtype = data.get("dtype"), data.get("out_dtype")
+    for key, value in (("dtype", dtype), ("out_dtype", out_dtype)):
+        if value is not None and (not isinstance(value, str) or value not in COMPUTE_DTYPES):
+            raise RecipeError(f"{origin}: {key}: {value!r} is not one of "
+                              f"{', '.join(COMPUTE_DTYPES)}")
+    output = out_dtype or dtype
+    if output is not None:
+        result["output"] = {"dtype": output}
+    if dtype == "float64":
+        result["runtime"] = {"compute_dtype": "float64"}
+    return result
+
+
+def _vocabulary(origin: Path, data: dict) -> dict:
+    """tokenizer_source / tokenizer / chat_template onto the recipe's tokenizer and
+    chat_template keys."""
+    result: dict[str, Any] = {}
+    source, tokenizer = data.get("tokenizer_source"), data.get("tokenizer")
+    if source is not None and tokenizer is not None:
+        raise RecipeError(f"{origin}: give tokenizer_source or tokenizer, not both (mergekit "
+                          "refuses both too)")
+    if source is not None:
+        result["tokenizer"] = {"source": _model_path(origin, "tokenizer_source", source,
+                                                     allow_lora=False)}
+    if tokenizer is not None:
+        tokenizer = _mapping(origin, "tokenizer", tokenizer)
+        unknown = sorted(set(tokenizer) - {"source", "pad_to_multiple_of", "tokens"})
+        if unknown:
+            raise RecipeError(f"{origin}: tokenizer.{unknown[0]}: not a key of mergekit's "
+                              "tokenizer block (source, tokens, pad_to_multiple_of)")
+        if tokenizer.get("tokens"):
+            raise RecipeError(f"{origin}: tokenizer.tokens (an embedding source per token) is not "
+                              "supported: a token new to the base takes the mean of the rows of "
+                              "the sources that have it; remove tokens")
+        result["tokenizer"] = {"source": _model_path(origin, "tokenizer.source",
+                                                     tokenizer.get("source", "union"),
+                                                     allow_lora=False)}
+        if tokenizer.get("pad_to_multiple_of") is not None:
+            result["tokenizer"]["pad_to_multiple_of"] = tokenizer["pad_to_multiple_of"]
+    template = data.get("chat_template")
+    if template is not None:
+        if not isinstance(template, str):
+            raise RecipeError(f"{origin}: chat_template: expected a string, got {template!r}")
+        if "{" not in template and template != "auto":
+            raise RecipeError(
+                f"{origin}: chat_template {template!r} names one of mergekit's bundled templates; "
+                "raymerge does not ship them: give the Jinja text, a model's path (its template) "
+                "or auto")
+        result["chat_template"] = template
+    return result

@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_EXCLUDE", "OUTPUT_DTYPES", "Recipe", "SourceSpec", "StrictMo
            "load_recipe", "method_settings", "one_line", "read_yaml", "recipe_from_dict",
            "validate_config"]
 
-OUTPUT_DTYPES = ("float32", "float16", "bfloat16")
+OUTPUT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 DEFAULT_METHOD = "task_arithmetic"
 
 
@@ -88,7 +88,7 @@ class CalibrateSpec(StrictModel):
 
 class OutputSpec(StrictModel):
     path: str = "./merged"
-    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    dtype: Literal["float64", "float32", "float16", "bfloat16"] | None = None
     shard_size: int = parse_size("2GB")
     push_to_hub: str | None = None
     private: bool = True  # a Hub repository created by push_to_hub
@@ -138,7 +138,8 @@ class Recipe(StrictModel):
     runtime: RuntimeSpec = RuntimeSpec()
     allow_pickle: bool = False
     tokenizer: TokenizerSpec | None = None
-    # the output's chat template: "base", a source's path as written, or a Jinja template
+    # the output's chat template: "base", "auto" (the most common one), a source's path as
+    # written, or a Jinja template
     chat_template: str | None = None
 
     @field_validator("sources", mode="before")
@@ -201,11 +202,11 @@ class Recipe(StrictModel):
                 f"tokenizer.source: {self.tokenizer.source!r} is none of base, union, or a "
                 "source's path as written in sources")
         template = self.chat_template
-        if template is not None and template not in ("base", self.base, *paths) and not (
-                "{{" in template or "{%" in template):
+        if template is not None and template not in ("base", "auto", self.base, *paths) and \
+                not ("{{" in template or "{%" in template):
             raise ValueError(
-                f"chat_template: {template[:60]!r} is none of base, a source's path as written "
-                "in sources, or a Jinja template (with {{ ... }} or {% ... %})")
+                f"chat_template: {template[:60]!r} is none of base, auto, a source's path as "
+                "written in sources, or a Jinja template (with {{ ... }} or {% ... %})")
         return self
 
     def svc_alpha(self) -> float | None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from pathlib import Path
 
 from raymerge.errors import SourceError
@@ -156,8 +158,9 @@ def vocabulary_directory(base: Checkpoint, sources: list, vocabulary: OutputVoca
 
 def choose_chat_template(choice: str | None, base: Checkpoint, sources: list,
                          tokenizer_directory: Path) -> ChatTemplate | None:
-    """The recipe's chat_template: "base", a source's path (its template), or a Jinja template;
-    stored as the base stores its own (chat_template.jinja where the base has none)."""
+    """The recipe's chat_template: "base", a source's path (its template), "auto" (the template
+    most of the checkpoints carry, ties to the earliest, base first: mergekit's auto), or a
+    Jinja template; stored as the base stores its own (chat_template.jinja where it has none)."""
     if choice is None:
         return None
     if not tokenizer_paths(tokenizer_directory):
@@ -165,6 +168,14 @@ def choose_chat_template(choice: str | None, base: Checkpoint, sources: list,
                           "has no tokenizer files); remove chat_template or add the tokenizer")
     base_template, base_style = read_chat_template(base.label, base.directory)
     labels = [source.label for source in sources]
+    if choice == "auto":  # mergekit's auto: the template most checkpoints carry
+        found = [read_chat_template(c.label, c.directory)[0] for c in [base, *sources]
+                 if isinstance(c, Checkpoint)]
+        found = [template.strip() for template in found if template]
+        if not found:
+            return None  # as mergekit: the output keeps the tokenizer's own (none)
+        chosen = Counter(found).most_common(1)[0][0]  # ties: the earliest, base first
+        return ChatTemplate(template=chosen, style=base_style or "jinja", origin="auto")
     if choice in ("base", base.label):
         template, style, origin, owner = base_template, base_style, "base", base
     elif choice in labels:
