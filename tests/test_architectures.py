@@ -49,6 +49,7 @@ class Architecture:
     exercises: str = ""
     integer_buffer: str | None = None  # an I64 tensor added to the file when transformers omits it
     tied: bool = False  # the output head is the input embedding: the file has no head
+    image_tokens: int = 0  # an image-text model: the image's tokens in the prompt
 
 
 MOE = dict(num_experts_per_tok=2)
@@ -117,8 +118,18 @@ ARCHITECTURES = [
                                          projection_dim=16),
                       text_config=dict(model_type="llama", **DECODER),
                       image_token_index=VOCAB - 1),
-                 loader="AutoModelForImageTextToText",
+                 loader="AutoModelForImageTextToText", image_tokens=4,
                  exercises="CLIP vision tower, projector, nested text_config"),
+    Architecture("gemma3-vision", "Gemma3Config", "Gemma3ForConditionalGeneration",
+                 dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=16,
+                                         intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=dict(model_type="gemma3_text", **DECODER, head_dim=8),
+                      mm_tokens_per_image=4, image_token_index=VOCAB - 1,
+                      boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2),
+                 loader="AutoModelForImageTextToText", image_tokens=4, tied=True,
+                 exercises="SigLIP vision tower with its attention-pooling head (a 3-D "
+                           "probe), a projection matrix named without .weight"),
 ]
 BY_NAME = {architecture.name: architecture for architecture in ARCHITECTURES}
 
@@ -213,10 +224,9 @@ def _check_loads_and_runs(architecture: Architecture, directory: Path) -> None:
         assert head.weight.data_ptr() == embedding.weight.data_ptr(), "the head is not tied"
     model.eval()
     with torch.no_grad():
-        if architecture.name == "llava":
-            output = _llava_forward(model)
-            assert output.logits.shape == (1, 8, VOCAB)
-            values = output.logits
+        if architecture.image_tokens:
+            values = _image_text_forward(model, architecture.image_tokens).logits
+            assert values.shape == (1, architecture.image_tokens + 4, VOCAB)
         elif architecture.loader == "AutoModel":
             values = model(torch.tensor(TOKENS)).last_hidden_state
             assert values.shape == (1, 4, 32)
@@ -226,10 +236,11 @@ def _check_loads_and_runs(architecture: Architecture, directory: Path) -> None:
     assert torch.isfinite(values).all(), architecture.name
 
 
-def _llava_forward(model):
-    """Text with one image (16×16, patches of 8: 4 image tokens), so the vision tower runs."""
-    image_token = model.config.image_token_index
-    tokens = torch.tensor([[1, *[image_token] * 4, 5, 9, 3]])
+def _image_text_forward(model, image_tokens: int):
+    """One 16×16 image in the prompt (patches of 8), so the vision tower runs."""
+    config = model.config
+    image_token = getattr(config, "image_token_id", None) or config.image_token_index
+    tokens = torch.tensor([[1, *[image_token] * image_tokens, 5, 9, 3]])
     pixels = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     return model(input_ids=tokens, pixel_values=pixels)
 
