@@ -5,7 +5,7 @@ the output loads back with its Auto class and runs forward.
 
 raymerge knows no architecture: roles come from name patterns (raymerge/roles.py). What each
 family exercises: tied embeddings (no lm_head in the file), an integer buffer (BERT's
-position_ids), a vision tower beside a language model (LLaVA), MoE routers and per-expert
+position_ids), vision towers beside a language model (LLaVA, Gemma 3), MoE routers and per-expert
 matrices (Mixtral, Qwen-MoE, DeepSeek-V3), 3-D expert stacks (GPT-OSS), fused projections
 (Phi-3's qkv_proj, GPT-2's transposed Conv1D, Falcon's query_key_value), MLA low-rank
 projections (DeepSeek-V3)."""
@@ -82,8 +82,10 @@ ARCHITECTURES = [
                  dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                       num_attention_heads=4), exercises="word_embeddings, query_key_value",
                  tied=True),
-    Architecture("olmo2", "Olmo2Config", "Olmo2ForCausalLM", DECODER),
-    Architecture("granite", "GraniteConfig", "GraniteForCausalLM", DECODER),
+    Architecture("olmo2", "Olmo2Config", "Olmo2ForCausalLM", DECODER,
+                 exercises="post-norms only, q/k norms over the full width"),
+    Architecture("granite", "GraniteConfig", "GraniteForCausalLM", DECODER,
+                 exercises="multipliers in config.json"),
     Architecture("mixtral", "MixtralConfig", "MixtralForCausalLM",
                  {**DECODER, **MOE, "num_local_experts": 4},
                  exercises="router block_sparse_moe.gate, per-expert w1/w2/w3"),
@@ -124,7 +126,8 @@ ARCHITECTURES = [
                  dict(vision_config=dict(model_type="siglip_vision_model", hidden_size=16,
                                          intermediate_size=32, num_hidden_layers=2,
                                          num_attention_heads=2, image_size=16, patch_size=8),
-                      text_config=dict(model_type="gemma3_text", **DECODER, head_dim=8),
+                      text_config=dict(model_type="gemma3_text", **{**DECODER, "head_dim": 8,
+                                                                  "tie_word_embeddings": True}),
                       mm_tokens_per_image=4, image_token_index=VOCAB - 1,
                       boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2),
                  loader="AutoModelForImageTextToText", image_tokens=4, tied=True,
