@@ -34,6 +34,20 @@ VOCABULARY_PATTERN = re.compile(
     + "|".join(f"(?:^|\\.){re.escape(m)}" for m in VOCABULARY_MODULES) + r")\.(?:weight|bias)$")
 
 
+# Expert stacks [E, m, n] hold one matrix per expert (GPT-OSS: mlp.experts.gate_up_proj).
+EXPERT_STACK_PATTERN = re.compile(r"(?:^|\.)experts\.")
+# Biases are vectors (a stack of per-expert biases [E, n] too), never a matrix's map.
+BIAS_PATTERN = re.compile(r"(?:^|[._])bias$")
+
+
+def is_bias(tensor_name: str) -> bool:
+    return BIAS_PATTERN.search(tensor_name) is not None
+
+
+def is_expert_stack_name(tensor_name: str) -> bool:
+    return EXPERT_STACK_PATTERN.search(tensor_name) is not None
+
+
 def is_vocabulary_role(tensor_name: str) -> bool:
     """Whether the name is that of a tensor indexed by token id (the shape decides the axis)."""
     return VOCABULARY_PATTERN.search(tensor_name) is not None

@@ -89,6 +89,22 @@ def svc(merged: torch.Tensor, deltas: list[torch.Tensor], alpha: float,
 SPECTRAL = {"tsv": tsv, "iso_c": iso_c, "iso_cts": iso_cts}
 
 
+def spectral_role(name: str, shape, exclude=("embed_tokens", "lm_head")) -> str | None:
+    """docs/methods.md's rule: "matrix" for a 2-D linear map (not excluded, not a bias, not an
+    embedding or head by role), "stack" for a 3-D stack of an experts module, else None."""
+    import re
+
+    from raymerge.roles import is_vocabulary_role
+
+    excluded = any(re.search(pattern, name) for pattern in exclude)
+    bias = re.search(r"(?:^|[._])bias$", name) is not None
+    if len(shape) == 2 and not (excluded or bias or is_vocabulary_role(name)):
+        return "matrix"
+    if len(shape) == 3 and ".experts." in f".{name}" and not (excluded or bias):
+        return "stack"
+    return None
+
+
 def reference_spectral(method: str, name: str, base: torch.Tensor, sources: list[torch.Tensor],
                        weights: list[float], scale: float = 1.0, k: int | float = 0.1,
                        svc_alpha: float | None = None,
@@ -97,7 +113,7 @@ def reference_spectral(method: str, name: str, base: torch.Tensor, sources: list
     base = base.double()
     deltas = [source.double() - base for source in sources]
     weighted = [w * d for w, d in zip(weights, deltas)]
-    if base.dim() != 2 or any(pattern in name for pattern in exclude):
+    if spectral_role(name, base.shape, exclude) != "matrix":
         return base + scale * sum(weighted) / len(weighted)
     basis = None
     if method == "axis":

@@ -19,7 +19,7 @@ import pytest
 import torch
 from helpers import assert_merged_close, load_tensors, manifest, write_recipe
 from reference import reference_merge
-from reference_spectral import reference_spectral
+from reference_spectral import reference_spectral, spectral_role
 from safetensors.torch import save_file
 
 from raymerge.cli import main
@@ -201,7 +201,7 @@ def _axis_svc_reference(name: str, base: torch.Tensor, sources: list[torch.Tenso
         return reference_spectral("axis", part_name, part_base, part_sources, WEIGHTS, k=AXIS_K,
                                   svc_alpha=SVC_ALPHA, exclude=DEFAULT_EXCLUDE)
 
-    if base.dim() == 3 and not any(pattern in name for pattern in DEFAULT_EXCLUDE):
+    if spectral_role(name, base.shape, DEFAULT_EXCLUDE) == "stack":
         return torch.stack([one(f"{name}[{e}]", base[e], [s[e] for s in sources])
                             for e in range(base.shape[0])])
     return one(name, base, sources)
@@ -291,11 +291,11 @@ def _check_spectral_roles(base: dict[str, torch.Tensor], stats: dict[str, dict])
     """The manifest says raymerge took the tensors the reference treats as matrices through
     AXIS and SVC (an expert stack slice by slice), and no other."""
     for name, tensor in base.items():
-        excluded = any(pattern in name for pattern in DEFAULT_EXCLUDE)
-        if tensor.dim() == 2 and not excluded:
+        role = spectral_role(name, tensor.shape, DEFAULT_EXCLUDE)
+        if role == "matrix":
             assert stats[name]["axis_rank"] == max(1, int(AXIS_K * min(tensor.shape))), name
             assert stats[name]["svc_gamma_min"] > 0, name
-        elif tensor.dim() == 3 and not excluded:
+        elif role == "stack":
             assert stats[name]["expert_slices"] == tensor.shape[0], name
             assert all(stats[f"{name}[{e}]"]["svc_gamma_min"] > 0
                        for e in range(tensor.shape[0])), name

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from ..roles import DEFAULT_EXCLUDE, is_excluded
+from ..roles import (
+    DEFAULT_EXCLUDE,
+    is_bias,
+    is_excluded,
+    is_expert_stack_name,
+    is_vocabulary_role,
+)
 from ..settings import MethodSettings, Varying
 
 if TYPE_CHECKING:
@@ -42,11 +48,16 @@ class MergeOptions:
     factor_cache: Any = None  # a FactorCache: per-source spectral factors kept across merges
 
     def is_spectral_matrix(self, name: str, shape: tuple[int, ...] | Size) -> bool:
-        return len(shape) == 2 and not is_excluded(name, list(self.exclude))
+        """A 2-D tensor that is a linear map: not excluded, not a bias (a stack of per-expert
+        biases is 2-D), not an embedding or output head (found by role, roles.py)."""
+        return (len(shape) == 2 and not is_excluded(name, list(self.exclude))
+                and not is_bias(name) and not is_vocabulary_role(name))
 
     def is_expert_stack(self, name: str, shape: tuple[int, ...] | Size) -> bool:
-        """A 3-D [experts, m, n] tensor: E matrices for the spectral steps (methods/per_slice)."""
-        return len(shape) == 3 and not is_excluded(name, list(self.exclude))
+        """A 3-D [experts, m, n] tensor of an experts module: E matrices for the spectral steps
+        (methods/per_slice.py). Other 3-D tensors (a pooling probe [1, 1, d]) are not."""
+        return (len(shape) == 3 and is_expert_stack_name(name)
+                and not is_excluded(name, list(self.exclude)) and not is_bias(name))
 
 
 @dataclass(frozen=True)
