@@ -102,14 +102,18 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def compare(method: str, base: dict, ours: dict, theirs: dict, sources: list[dict]) -> dict:
     if not CASES[method][4]:
-        worst, where = 0.0, ""
+        worst, where, worst_in_ulps = 0.0, "", 0.0
         for name, base_tensor in base.items():
             reference = theirs[name] - base_tensor
-            difference = float((ours[name] - base_tensor - reference).norm()) / max(
-                float(reference.norm()), 1e-30)
-            if difference > worst:
-                worst, where = difference, name
-        return {"max_relative_difference": worst, "tensor": where}
+            scale = max(float(reference.norm()), 1e-30)
+            difference = float((ours[name] - base_tensor - reference).norm())
+            # what storing W in float32 alone moves M by: one ulp of W, relative to M
+            rounding = 2.0**-23 * float(theirs[name].norm())
+            worst_in_ulps = max(worst_in_ulps, difference / max(rounding, 1e-30))
+            if difference / scale > worst:
+                worst, where = difference / scale, name
+        return {"max_relative_difference": worst, "tensor": where,
+                "max_difference_in_float32_ulps_of_w": worst_in_ulps}
     stats = {}
     for tool, merged in (("raymerge", ours), ("mergekit", theirs)):
         kept = total = magnitude = agree = nonzero = 0.0
@@ -135,11 +139,13 @@ def main() -> None:
     parser.add_argument("--mergekit-venv", default="/tmp/raymerge-mergekit-venv")
     parser.add_argument("--methods", nargs="+", default=list(CASES))
     parser.add_argument("--report", default="benchmarks/results/mergekit_equivalence.json")
+    parser.add_argument("--compare-only", action="store_true",
+                        help="compare the outputs an earlier run left in --work again")
     args = parser.parse_args()
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     base_dir, source_dirs = family(work)
-    mergekit = ensure_mergekit(Path(args.mergekit_venv))
+    mergekit = None if args.compare_only else ensure_mergekit(Path(args.mergekit_venv))
     env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
     env.pop("RAY_ADDRESS", None)
     base, sources = tensors(base_dir), [tensors(p) for p in source_dirs]
@@ -149,12 +155,16 @@ def main() -> None:
         config = work / f"{method}.yaml"
         config.write_text(yaml.safe_dump(mergekit_yaml(method, base_dir, source_dirs)))
         out_mk, out_rm = work / f"out-{method}-mergekit", work / f"out-{method}-raymerge"
-        for out in (out_mk, out_rm):
-            shutil.rmtree(out, ignore_errors=True)
-        mk = run_measured([str(mergekit), str(config), str(out_mk), "--no-copy-tokenizer",
-                           "--quiet", "--no-write-model-card", "--random-seed", "0"], env=env)
-        rm = run_measured([sys.executable, "-m", "raymerge.cli", "merge", str(config), "--out",
-                           str(out_rm), "--no-progress"], env=env)
+        if args.compare_only:  # the outputs of an earlier run, compared again
+            mk = rm = {"seconds": float("nan"), "peak_rss": 0}
+        else:
+            for out in (out_mk, out_rm):
+                shutil.rmtree(out, ignore_errors=True)
+            mk = run_measured([str(mergekit), str(config), str(out_mk), "--no-copy-tokenizer",
+                               "--quiet", "--no-write-model-card", "--random-seed", "0"],
+                              env=env)
+            rm = run_measured([sys.executable, "-m", "raymerge.cli", "merge", str(config),
+                               "--out", str(out_rm), "--no-progress"], env=env)
         count = CASES[method][0]
         result = compare(method, base, tensors(out_rm), tensors(out_mk), sources[:count])
         rows[method] = {**result, "mergekit_seconds": mk["seconds"],
@@ -163,14 +173,16 @@ def main() -> None:
         print(method, json.dumps(rows[method]), flush=True)
     Path(args.report).write_text(json.dumps(rows, indent=2) + "\n")
 
-    print("\n| method | max relative difference of the merged deltas | mergekit s | raymerge s |"
-          " mergekit peak MiB | raymerge peak MiB |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\n| method | max relative difference of the merged deltas (tensor) | the same "
+          "difference in float32 ulps of W | mergekit s | raymerge s | mergekit peak MiB | "
+          "raymerge peak MiB |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for method, row in rows.items():
         if "max_relative_difference" in row:
-            difference = f"{row['max_relative_difference']:.1e} ({row['tensor']})"
+            difference = (f"{row['max_relative_difference']:.1e} ({row['tensor']}) | "
+                          f"{row['max_difference_in_float32_ulps_of_w']:.2f}")
         else:
-            difference = "random: see below"
+            difference = "random: see below | —"
         print(f"| {method} | {difference} | {row['mergekit_seconds']:.1f} | "
               f"{row['raymerge_seconds']:.1f} | {row['mergekit_peak'] / 2**20:.0f} | "
               f"{row['raymerge_peak'] / 2**20:.0f} |")

@@ -38,7 +38,7 @@ class ScalarOrGradient:
     """ScalarOrGradient[X]: one X, or a list of them (a gradient over the layers)."""
 
     def __class_getitem__(cls, leaf):
-        return Annotated[Union[Annotated[leaf, Tag("=scalar")],
+        return Annotated[Union[Annotated[leaf, Tag("=scalar")],  # noqa: UP007 (runtime)
                                Annotated[list[leaf], Tag("=gradient")]], Discriminator(_shape)]
 
 
@@ -56,7 +56,7 @@ class Varying:
     (A class so that X reaches every form, constraints included: Varying[Annotated[...]].)"""
 
     def __class_getitem__(cls, leaf):
-        return Annotated[Union[Annotated[leaf, Tag("=scalar")],
+        return Annotated[Union[Annotated[leaf, Tag("=scalar")],  # noqa: UP007 (runtime)
                                Annotated[list[leaf], Tag("=gradient")],
                                Annotated[Conditional[leaf], Tag("=filter")],
                                Annotated[list[Conditional[leaf]], Tag("=filters")]],

@@ -151,6 +151,18 @@ class Method:
         the dense delta; methods that can use the factors override this."""
         self.update(pass_index, source_index, left @ right.mT)
 
+    def streams(self, pass_index: int) -> bool:
+        """Whether this pass takes each source's delta a slice at a time (update_slice) instead
+        of whole: the engine then never forms a source's whole delta, and adds each slice while
+        it is in the cache. For methods elementwise over the sources (a running sum). Default:
+        no."""
+        return False
+
+    def update_slice(self, pass_index: int, source_index: int, start: int,
+                     delta_slice: Tensor) -> None:
+        """Elements start … start + len − 1 of the flattened Δ_i (whole rows), when `streams`."""
+        raise NotImplementedError
+
     def cached_update(self, pass_index: int, source_index: int) -> bool:
         """Take this source's contribution from the factor cache instead of reading it; True:
         the engine skips the read. Default: nothing is cached."""

@@ -67,6 +67,14 @@ class Calibrated(Method):
         [calibration] = self.calibrations  # adapters hold matrices only
         calibration.add_projected((calibration.U.mT @ left) @ right.mT)
 
+    def streams(self, pass_index: int) -> bool:
+        """The inner method's passes stream as it does; SVC's pass needs whole deltas."""
+        return pass_index < self.inner.passes and self.inner.streams(pass_index)
+
+    def update_slice(self, pass_index: int, source_index: int, start: int,
+                     delta_slice: Tensor) -> None:
+        self.inner.update_slice(pass_index, source_index, start, delta_slice)
+
     def cached_update(self, pass_index: int, source_index: int) -> bool:
         """The inner method's passes may take a source from the factor cache; SVC's may not."""
         return pass_index < self.inner.passes and self.inner.cached_update(pass_index,

@@ -40,6 +40,14 @@ class SpectralMethod(Method):
         weighted = delta if weight == 1.0 else delta.mul_(weight)
         self.update_matrix(pass_index, source_index, weighted)
 
+    def streams(self, pass_index: int) -> bool:
+        return not self.is_matrix  # the weighted sum of a tensor that is not a matrix
+
+    def update_slice(self, pass_index: int, source_index: int, start: int,
+                     delta_slice: Tensor) -> None:
+        self.weighted_sum.view(-1)[start:start + delta_slice.numel()].add_(
+            delta_slice, alpha=self.weights[source_index])
+
     def update_factored(self, pass_index: int, source_index: int, left: Tensor,
                         right: Tensor) -> None:
         """Δ_i = left·rightᵀ (a LoRA source, left m×r, right n×r)."""

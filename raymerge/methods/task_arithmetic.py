@@ -26,6 +26,14 @@ class TaskArithmetic(Method):
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         self.merged.add_(delta, alpha=self.weights[source_index])
 
+    def streams(self, pass_index: int) -> bool:
+        return True  # a running sum: each slice of Δ_i is added while it is in the cache
+
+    def update_slice(self, pass_index: int, source_index: int, start: int,
+                     delta_slice: Tensor) -> None:
+        self.merged.view(-1)[start:start + delta_slice.numel()].add_(
+            delta_slice, alpha=self.weights[source_index])
+
     def update_factored(self, pass_index: int, source_index: int, left: Tensor,
                         right: Tensor) -> None:
         """Δ = left·rightᵀ (a LoRA source): added without a per-source m×n matrix."""

@@ -30,6 +30,7 @@ class TensorInfo:
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
     file: str  # absolute path of the shard that holds it
+    offset: int = -1  # where its bytes start in the file (-1: not from a header)
 
     @property
     def numel(self) -> int:
@@ -69,11 +70,12 @@ def read_header(path: str | Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = _tensor_info(path, name, entry, data_size)
+        tensors[name] = _tensor_info(path, name, entry, data_size, 8 + header_size)
     return tensors
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
+def _tensor_info(path: Path, name: str, entry: object, data_size: int,
+                 data_start: int) -> TensorInfo:
     try:
         dtype = entry["dtype"]  # type: ignore[index]
         shape = tuple(int(dim) for dim in entry["shape"])  # type: ignore[index]
@@ -84,7 +86,8 @@ def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> Tensor
         ) from None
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
         raise SourceError(f"{path}: tensor {name} has unknown dtype {dtype!r}; re-save the file")
-    info = TensorInfo(name=name, dtype=dtype, shape=shape, file=str(path))
+    info = TensorInfo(name=name, dtype=dtype, shape=shape, file=str(path),
+                      offset=data_start + start)
     if any(dim < 0 for dim in shape) or not 0 <= start <= end <= data_size:
         raise SourceError(
             f"{path}: tensor {name} points past the end of the file (offsets {start}..{end}, "

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 from collections import Counter
-
 from pathlib import Path
 
 from raymerge.errors import SourceError
