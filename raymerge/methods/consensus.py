@@ -46,6 +46,13 @@ def linear_normalized(merged: Tensor, weights: list[float]) -> Tensor:
     return merged.div_(total if abs(total) >= LINEAR_DIVISOR_EPSILON else 1.0)
 
 
+def _trim_and_scale(piece: Tensor, keep_threshold: float | None, scale: float) -> None:
+    if keep_threshold is not None:
+        piece.mul_(piece.abs() >= keep_threshold)
+    if scale != 1.0:
+        piece.mul_(scale)
+
+
 class SignConsensus:
     """The running state of a sign-consensus merge of one tensor."""
 
@@ -67,17 +74,23 @@ class SignConsensus:
             self.positive_divisor = torch.zeros_like(like, dtype=dtype)
             self.nonzero_divisor = torch.zeros_like(like, dtype=dtype)
 
-    def add(self, contribution: Tensor, weight: float) -> None:
-        """One source's c_i (its weight w_i is already in it; `weight` feeds the divisor)."""
+    def add(self, contribution: Tensor, weight: float, keep_threshold: float | None = None,
+            scale: float = 1.0) -> None:
+        """One source's c_i (its weight w_i is already in it, or `scale` puts it there;
+        `weight` feeds the divisor). With `keep_threshold`, entries below it in magnitude are
+        dropped first (the TIES trim, applied a piece at a time while it is in the cache: the
+        same operations, in the same order, as trimming and scaling the whole tensor first)."""
         counted = self.positive_divisor is not None and self.positive_divisor.dtype == torch.int16
         if self.positive_divisor is None:
             for piece, total, positive in chunks(contribution, self.total, self.positive_sum):
+                _trim_and_scale(piece, keep_threshold, scale)
                 total.add_(piece)
                 positive.add_(piece.clamp(min=0))
             return
         for piece, total, positive, positive_divisor, nonzero_divisor in chunks(
                 contribution, self.total, self.positive_sum, self.positive_divisor,
                 self.nonzero_divisor):
+            _trim_and_scale(piece, keep_threshold, scale)
             total.add_(piece)
             positive.add_(piece.clamp(min=0))
             if counted:

@@ -48,8 +48,19 @@ class GeneralizedTaskArithmetic(Method):
         `inverse_rescale` asks for it (1 when there is none, or it was applied per entry)."""
         raise NotImplementedError
 
+    def keep_threshold(self, source_index: int, delta: Tensor) -> float | None:
+        """For a sparsification that only keeps the entries at or above a magnitude (TIES's
+        trim), that magnitude: the engine then trims while it sums, in one pass. None: none."""
+        return None
+
     def update(self, pass_index: int, source_index: int, delta: Tensor) -> None:
         rescale = self.settings.rescale
+        if self.sign_consensus and rescale == "none":
+            threshold = self.keep_threshold(source_index, delta)
+            if threshold is not None:
+                weight = self.weights[source_index]
+                self.consensus.add(delta, weight, keep_threshold=threshold, scale=weight)
+                return
         before = l1_norm(delta) if rescale == "l1" else 0.0
         factor = self.sparsify(source_index, delta, inverse_rescale=rescale == "inverse")
         if rescale == "l1":

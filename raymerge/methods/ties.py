@@ -53,3 +53,10 @@ class Ties(GeneralizedTaskArithmetic):
     def sparsify(self, source_index: int, delta: Tensor, inverse_rescale: bool) -> float:
         keep_largest(delta, self.source_settings[source_index].density, self.scratch)
         return 1.0
+
+    def keep_threshold(self, source_index: int, delta: Tensor) -> float | None:
+        """keep_largest's threshold, where it trims (0 < density < 1)."""
+        density = self.source_settings[source_index].density
+        if not 0.0 < density < 1.0 or delta.numel() == 0:
+            return None
+        return magnitude_threshold(delta, density, self.scratch).item()
