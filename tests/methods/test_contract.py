@@ -88,3 +88,20 @@ def test_the_readme_example_method_merges_with_its_own_settings(monkeypatch):
     method.update(0, 0, torch.full((3,), 2.0))
     method.update(0, 1, torch.full((3,), 4.0))
     assert method.finish().tolist() == [(0.5 * 2 + 3 * 4) / 4] * 3
+
+
+def test_the_readme_lists_every_method_with_its_keys():
+    """The README's table of methods and keys says what the code declares: no method or key is
+    undocumented."""
+    text = (REPO / "README.md").read_text()
+    table = text[text.index("Each method's keys"):text.index("Every key but")]
+    rows = {}
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            for name in re.findall(r"`(\w+)`", line.split("|")[1]):
+                rows[name] = line
+    for name, method in METHODS.items():
+        assert name in rows, f"README has no row for method {name}"
+        for key in method.Settings.model_fields:
+            if key not in ("name", "scale"):
+                assert f"`{key}`" in rows[name], f"README's row of {name} lacks key {key}"
