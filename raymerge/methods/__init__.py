@@ -10,9 +10,11 @@ from .calibrated import SVC_PASSES, SVC_STATE_TENSORS, SVC_STATISTICS, Calibrate
 from .dare import Dare
 from .iso_c import IsoC
 from .iso_cts import IsoCts
+from .star import Star
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
+from .wudi import Wudi
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in (
     TaskArithmetic,
@@ -22,6 +24,8 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     IsoC,
     IsoCts,
     Axis,
+    Wudi,
+    Star,
 )}
 
 
