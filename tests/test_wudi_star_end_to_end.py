@@ -7,6 +7,7 @@ from the sum in a few seconds."""
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import load_tensors, manifest, write_recipe
 from reference_wudi_star import reference_wudi_star
 
@@ -34,20 +35,18 @@ def _merge(tmp_path, base, sources, method: dict, calibrate: bool, compute_dtype
     return out
 
 
-# (method, N, SVC, compute dtype, tolerance): float32 merges against the float64 reference
-# within 5e-5 relative, as the other spectral methods' end-to-end test; float64 within 1e-9
+# (method, N, SVC, compute dtype): float32 merges against the float64 reference within 5e-5
+# relative, as the other spectral methods' end-to-end test; float64 merges (written as float32,
+# the family's dtype) equal the float64 reference rounded to float32, to one float32 step
 CASES = [
-    ("wudi", 3, False, "float32", 5e-5), ("wudi", 5, True, "float32", 5e-5),
-    ("wudi", 4, False, "float64", 1e-9),
-    ("star", 3, False, "float32", 5e-5), ("star", 5, True, "float32", 5e-5),
-    ("star", 4, True, "float64", 1e-9),
+    ("wudi", 3, False, "float32"), ("wudi", 5, True, "float32"), ("wudi", 4, False, "float64"),
+    ("star", 3, False, "float32"), ("star", 5, True, "float32"), ("star", 4, True, "float64"),
 ]
 
 
-@pytest.mark.parametrize("method, n, calibrate, compute_dtype, tolerance", CASES)
+@pytest.mark.parametrize("method, n, calibrate, compute_dtype", CASES)
 def test_wudi_and_star_merges_equal_the_official_algorithms(ray_cluster, nine_sources, tmp_path,
-                                                            method, n, calibrate, compute_dtype,
-                                                            tolerance):
+                                                            method, n, calibrate, compute_dtype):
     base_dir, sources = nine_sources
     sources = sources[:n]
     settings = {"name": method, "scale": 0.9, **(WUDI_STEPS if method == "wudi" else {})}
@@ -61,12 +60,19 @@ def test_wudi_and_star_merges_equal_the_official_algorithms(ray_cluster, nine_so
         expected = reference_wudi_star(method, name, base_tensor, [s[name] for s in loaded],
                                        WEIGHTS[:n], scale=0.9, svc_alpha=alpha,
                                        **(WUDI_STEPS if method == "wudi" else {}))
+        if compute_dtype == "float64":
+            rounded = expected.float()
+            one_step = (torch.nextafter(rounded, torch.tensor(float("inf"))) - rounded).abs()
+            off = (merged[name] - rounded).abs()
+            assert bool((off <= one_step).all()), f"{name}: {float(off.max()):.2e} off"
+            continue
         expected_delta = expected - base_tensor.double()
         actual_delta = merged[name].double() - base_tensor.double()
         errors[name] = float((actual_delta - expected_delta).norm()) / max(
             float(expected_delta.norm()), 1e-12)
-    worst = max(errors, key=errors.get)
-    assert errors[worst] < tolerance, f"{worst}: relative error {errors[worst]:.2e}"
+    if errors:
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < 5e-5, f"{worst}: relative error {errors[worst]:.2e}"
 
     stats = manifest(out)["tensors"][MATRIX]
     if method == "wudi":
