@@ -34,7 +34,8 @@ ADAM_EPS = 1e-8
 
 
 class WudiSettings(MethodSettings):
-    iter_num: Annotated[int, Field(ge=0)] = 300  # Adam steps per matrix
+    # Adam steps per matrix (a gradient over the layers is rounded to whole steps)
+    iter_num: Varying[Annotated[int, Field(ge=0)]] = 300
     lr: Varying[Annotated[float, Field(gt=0)]] = 1e-5  # Adam's learning rate
 
     @classmethod
@@ -113,12 +114,12 @@ class Wudi(SpectralMethod):
         work = torch.empty_like(merged)
         loss_before = self._loss(merged, work)
         exp_avg, exp_avg_sq = torch.zeros_like(merged), torch.zeros_like(merged)
-        lr = self.settings.lr
-        for step in range(1, self.settings.iter_num + 1):
+        lr, steps = self.settings.lr, round(self.settings.iter_num)
+        for step in range(1, steps + 1):
             torch.addmm(self.target, merged, self.input_gram, beta=-2, alpha=2, out=work)
             adam_step(merged, work, exp_avg, exp_avg_sq, step, lr)
         del exp_avg, exp_avg_sq
-        loss_after = self._loss(merged, work) if self.settings.iter_num else loss_before
+        loss_after = self._loss(merged, work) if steps else loss_before
         self.input_gram = self.target = None
         self.report.stats = {"wudi_loss_before": loss_before, "wudi_loss_after": loss_after}
         return merged

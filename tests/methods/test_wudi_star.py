@@ -233,3 +233,16 @@ def test_svc_alpha_auto_is_the_svc_authors_per_method():
     assert recipe("wudi").svc_alpha() == 1.0  # their FusionBench config, as after TSV-M
     assert "wudi.yaml" in recipe("wudi").svc_alpha_rule()[1]
     assert recipe("star").svc_alpha() == 0.25  # 1/N, their default for every other method
+
+
+def test_wudi_steps_and_learning_rate_may_vary_over_the_layers():
+    settings = method_settings({"name": "wudi", "iter_num": [10, 21], "lr": [1e-4, 3e-4]})
+    middle = settings.at("model.layers.1.mlp.up_proj.weight", 0.5)
+    assert middle.iter_num == pytest.approx(15.5) and middle.lr == pytest.approx(2e-4)
+    deltas = _deltas((12, 8), 3, seed=12)
+    merger = build_method(middle, [1.0] * 3, MergeOptions())
+    merger.begin(MATRIX, torch.zeros(12, 8, dtype=torch.float64))
+    for index, delta in enumerate(deltas):
+        merger.update(0, index, delta.clone())
+    # 15.5 steps round to 16 (Python rounds half to even)
+    assert _relative(merger.finish(), wudi(deltas, 16, 2e-4)[0]) < 1e-10
