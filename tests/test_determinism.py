@@ -15,6 +15,7 @@ from raymerge.plan import Plan
 @pytest.mark.parametrize("method", [
     {"name": "ties", "density": 0.5},
     {"name": "axis", "k": 6},
+    {"name": "wudi", "iter_num": 20, "lr": 1e-4},  # an optimiser's 20 steps, state in G and B
 ])
 def test_output_bytes_do_not_depend_on_scheduling(ray_cluster, float32_family, tmp_path,
                                                   monkeypatch, method):

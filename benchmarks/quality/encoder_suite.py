@@ -37,6 +37,8 @@ METHODS = {
     "iso_c": {"name": "iso_c"},
     "iso_cts": {"name": "iso_cts"},
     "axis": {"name": "axis", "k": 0.5},
+    "wudi": {"name": "wudi"},
+    "star": {"name": "star"},
 }
 # without SVC every λ is the λ = 1 merge scaled in memory (selection.py): a wide grid is cheap.
 # Iso-C / Iso-CTS flatten the spectrum to its mean, so their best λ is large (their papers

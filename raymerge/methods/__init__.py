@@ -25,9 +25,11 @@ from .per_slice import PerSlice
 from .ram import Ram, RamPlus
 from .sce import Sce
 from .slerp import Slerp
+from .star import Star
 from .task_arithmetic import TaskArithmetic
 from .ties import Ties
 from .tsv import Tsv
+from .wudi import Wudi
 
 METHODS: dict[str, type[Method]] = {method.name: method for method in (
     TaskArithmetic,
@@ -52,6 +54,8 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     Della,
     DellaLinear,
     Sce,
+    Wudi,
+    Star,
 )}
 
 
