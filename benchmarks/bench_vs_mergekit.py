@@ -6,7 +6,8 @@ same 8 synthetic fine-tunes, the tools alternated in one command (2 rounds, medi
 
 mergekit 0.1.5 runs from its own virtual environment, created by the script the first time
 (`--mergekit-venv`, default /tmp/raymerge-mergekit-venv). raymerge runs as a user runs it:
-`raymerge merge` with no cluster running (it starts a private local one). The plain loop is the
+`raymerge merge` with no cluster running (it starts a private local one), after one untimed
+first run that hashes the sources for the manifest (reported apart). The plain loop is the
 simplest correct merge: `safe_open` each tensor of each source, `acc += W_i.float() − B`, write
 bfloat16 (one process, all tensors of the output in memory until written). Sources are read from a
 warm page cache (each run is preceded by a read of every file). Peak memory: the largest resident
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -158,6 +160,14 @@ def main() -> None:
     print(f"command: {' '.join(sys.argv)}")
     print(f"cpus: {os.cpu_count()}; {len(sources)} sources of {args.size}, "
           f"{read / len(sources) / 1e9:.3f} GB each, {read / 1e9:.2f} GB read in all")
+    # A first merge hashes every source file for the manifest (sha256, remembered by path, size
+    # and mtime under RAYMERGE_CACHE): timed apart, so the rounds compare the merges themselves.
+    env["RAYMERGE_CACHE"] = str(work / "raymerge-cache")
+    shutil.rmtree(env["RAYMERGE_CACHE"], ignore_errors=True)
+    warm_page_cache([base, *sources])
+    first = run_raymerge(work, base, sources, args.methods[0], env)
+    print(f"first raymerge run ({args.methods[0]}, hashing the sources): "
+          f"{first['seconds']:.1f} s wall", flush=True)
     results: dict[tuple[str, str], list[dict]] = {}
     for round_index in range(args.rounds):
         for method in args.methods:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import pstats
+import re
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ SETTINGS = {"task_arithmetic": {}, "ties": {"density": 0.2}, "axis": {"k": 0.1},
 # function name -> phase (cProfile's own time, by the innermost call)
 PHASES = {
     "preadv": "read: pread of the file's bytes", "copy_": "read: convert to float32",
-    "sub_": "read: subtract the base", "sum": "read: finite check",
+    "sub": "read: convert and subtract the base", "sub_": "read: subtract the base",
+    "sum": "read: finite check",
     "partition": "method: TIES threshold (selection)", "where": "method: sign election",
     "add_": "method: running sums", "clamp": "method: running sums", "mul_": "method: trim, scale",
     "abs": "method: magnitudes", "linalg_svd": "method: SVD", "linalg_qr": "method: QR",
@@ -67,7 +69,9 @@ def main() -> None:
     stats = pstats.Stats(profile)
     phases: dict[str, float] = {}
     for (_, _, function), (_, _, own, _, _) in stats.stats.items():
-        phase = next((label for key, label in PHASES.items() if key in function), "other")
+        found = re.search(r"method '(\w+)'|built-in method ([\w.]+)", function)
+        name = (found.group(1) or found.group(2)).rsplit(".", 1)[-1] if found else function
+        phase = PHASES.get(name, "other")
         phases[phase] = phases.get(phase, 0.0) + own
     total = sum(phases.values())
     for phase, seconds in sorted(phases.items(), key=lambda item: -item[1]):

@@ -124,6 +124,7 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     merge that fails on bad input removes its staging directory."""
     from raymerge.distributed.cluster import ray_session
     from raymerge.distributed.resources import check_task_fits_cluster
+    from raymerge.distributed.runner import warm_workers
     from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
@@ -132,6 +133,7 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     staging = Staging(prepared.target)
     with ray_session(address) as session:
         check_task_fits_cluster(recipe.runtime)
+        warm_workers(recipe.runtime, min(recipe.runtime.max_in_flight, len(plan.units)))
         refuse_concurrent_writer(staging.path)  # before touching another merge's directory
         hasher = SourceHasher([prepared.base, *prepared.sources])
         try:

@@ -133,9 +133,10 @@ class TensorReader:
                 if scratch is None or scratch.numel() < raw.numel():
                     scratch = torch.empty(raw.numel(), dtype=like.dtype, device=like.device)
                 part = scratch[:raw.numel()]
-            part.copy_(raw)
-            if subtrahend is not None:
-                part.sub_(subtrahend[start:start + raw.numel()])
+            if subtrahend is not None:  # convert and subtract in one pass: the same rounding
+                torch.sub(raw, subtrahend[start:start + raw.numel()], out=part)
+            else:
+                part.copy_(raw)
             total.add_(part.sum())
             yield start, part
         if not torch.isfinite(total):

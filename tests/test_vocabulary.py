@@ -292,8 +292,9 @@ def test_chat_template_from_the_base_a_source_or_the_recipe(chat, tmp_path, choi
 def test_a_chat_template_that_is_none_of_the_forms_is_refused(chat):
     from raymerge.errors import RecipeError
 
-    with pytest.raises(RecipeError, match="chat_template: 'chatml' is none of base, a source's "
-                                          "path as written in sources, or a Jinja template"):
+    with pytest.raises(RecipeError, match="chat_template: 'chatml' is none of base, auto, a "
+                                          "source's path as written in sources, or a Jinja "
+                                          "template"):
         recipe_from_dict({**recipe_of(chat, Path("o")), "chat_template": "chatml"})
     with pytest.raises(SourceError, match=f"chat_template: {chat['c']} has no chat template"):
         prepare(recipe_from_dict({**recipe_of(chat, Path("o")), "tokenizer": {"source": "union"},
