@@ -171,10 +171,10 @@ def main() -> None:
     results: dict[tuple[str, str], list[dict]] = {}
     for round_index in range(args.rounds):
         for method in args.methods:
-            tools = [("raymerge", lambda: run_raymerge(work, base, sources, method, env))]
+            tools = [("raymerge", lambda m=method: run_raymerge(work, base, sources, m, env))]
             if mergekit is not None:
-                tools.append(("mergekit", lambda: run_mergekit(work, base, sources, method,
-                                                               mergekit, env)))
+                tools.append(("mergekit", lambda m=method: run_mergekit(work, base, sources, m,
+                                                                        mergekit, env)))
             if method == "task_arithmetic":
                 tools.append(("plain loop", lambda: run_plain(work, base, sources, env)))
             for tool, run in tools:

@@ -2,7 +2,8 @@
 of the 0.67B family, one thread, under cProfile, grouped into reading, the method's arithmetic,
 statistics and output conversion.
 
-    python benchmarks/profile_unit.py --method task_arithmetic [--family benchmarks/work/family-0.67b]
+    python benchmarks/profile_unit.py --method task_arithmetic \
+        [--family benchmarks/work/family-0.67b]
 
 The family is the one `bench_vs_mergekit.py --size 0.67b` generates. The figure per thread is the
 unit's source bytes over its wall time; a Ray task has one thread (num_cpus: 1).

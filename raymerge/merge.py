@@ -124,7 +124,6 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     merge that fails on bad input removes its staging directory."""
     from raymerge.distributed.cluster import ray_session
     from raymerge.distributed.resources import check_task_fits_cluster
-    from raymerge.distributed.runner import warm_workers
     from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
@@ -133,7 +132,6 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     staging = Staging(prepared.target)
     with ray_session(address) as session:
         check_task_fits_cluster(recipe.runtime)
-        warm_workers(recipe.runtime, min(recipe.runtime.max_in_flight, len(plan.units)))
         refuse_concurrent_writer(staging.path)  # before touching another merge's directory
         hasher = SourceHasher([prepared.base, *prepared.sources])
         try:
@@ -224,7 +222,7 @@ def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, key: str, r
     import ray
 
     from raymerge.distributed.runner import run_units
-    from raymerge.distributed.writer import start_writer
+    from raymerge.distributed.writer import start_writer, stop_writer
 
     started = time.perf_counter()  # merge time: the cluster's start-up is not counted
     writer = start_writer(directory, layout, key)
@@ -243,10 +241,7 @@ def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, key: str, r
             run_units(job, todo, writer, runtime, done)
         ray.get(writer.close.remote())
     finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
-        try:
-            ray.kill(writer)
-        except Exception:  # the cluster is gone, and the writer with it
-            pass
+        stop_writer(writer)
     return unit_stats, time.perf_counter() - started, len(finished)
 
 

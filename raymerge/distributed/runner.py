@@ -22,19 +22,6 @@ def merge_unit_on_node(job: MergeJob, unit: WorkUnit):
     return stats, outputs
 
 
-def _import_the_engine() -> None:
-    import raymerge.execute  # noqa: F401  (torch and the methods, imported once per worker)
-
-
-def warm_workers(runtime: RuntimeSpec, count: int) -> None:
-    """Start `count` task workers importing the engine now, while the driver still starts the
-    writer and hashes the sources: the first units then find them ready. Not waited for."""
-    warm = ray.remote(_import_the_engine).options(num_cpus=runtime.num_cpus,
-                                                   num_gpus=runtime.num_gpus)
-    for _ in range(count):
-        warm.remote()
-
-
 def run_units(
     job: MergeJob,
     units: list[WorkUnit],

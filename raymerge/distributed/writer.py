@@ -102,6 +102,19 @@ def busy_message(directory: Path) -> str:
             "output.path")
 
 
+def stop_writer(writer, wait_s: float = 10.0) -> None:
+    """Kill the writer actor and wait until it is dead: `ray.kill` only asks, and a writer still
+    finishing a shard could recreate files in a staging directory being discarded."""
+    try:
+        ray.kill(writer)
+    except Exception:  # the cluster is gone, and the writer with it
+        return
+    try:
+        ray.get(writer.finished.remote(), timeout=wait_s)  # answers only if the kill was lost
+    except Exception:  # RayActorError once it is dead (or the cluster is gone): what we wait for
+        pass
+
+
 def start_writer(directory: Path, layout: ShardLayout, key: str):
     """A writer actor on this (the driver's) node; it takes no CPU slot from the merge tasks."""
     here = ray.get_runtime_context().get_node_id()

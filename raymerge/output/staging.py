@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 from raymerge.errors import OutputError
@@ -88,4 +89,8 @@ class Staging:
         shutil.rmtree(self._old, ignore_errors=True)
 
     def discard(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        for _ in range(3):  # a file appearing while it is removed leaves the directory: again
+            shutil.rmtree(self.path, ignore_errors=True)
+            if not self.path.exists():
+                return
+            time.sleep(0.1)

@@ -81,5 +81,8 @@ def packed_datasets(config, tokenizer_path: str):
     packer_args = dict(fn_constructor_args=(tokenizer_path, config.seq_len, data.text_column,
                                             data.prompt_column, data.response_column),
                        batch_size=256, concurrency=1, num_cpus=PACK_CPUS)
-    return (train.map_batches(Packer, **packer_args),
-            evaluation.map_batches(Packer, **packer_args))
+    # Tokenized once, before the workers start: each epoch and each evaluation then reads the
+    # packed rows from the object store (spilled to disk when large) instead of starting a
+    # tokenizer actor per pass and per worker.
+    return (train.map_batches(Packer, **packer_args).materialize(),
+            evaluation.map_batches(Packer, **packer_args).materialize())

@@ -96,8 +96,8 @@ def test_factored_path_never_forms_the_full_matrix():
     factors = [(torch.randn(size, rank, generator=generator),
                 torch.randn(size, rank, generator=generator)) for _ in range(3)]
     for name in ("axis", "tsv"):
-        merger = build_method(method_settings({"name": name, **({"k": 8} if name == "axis" else {})}),
-                              [1.0] * 3, MergeOptions())
+        settings = method_settings({"name": name, **({"k": 8} if name == "axis" else {})})
+        merger = build_method(settings, [1.0] * 3, MergeOptions())
         with PeakMemory() as memory:
             merger.begin("model.layers.0.mlp.up_proj.weight", torch.empty(size, size))
             for index, (left, right) in enumerate(factors):

@@ -39,9 +39,16 @@ def _settings(axis_merge, tmp_path, **overrides) -> TuneConfig:
         **overrides})
 
 
-def test_two_worker_tuning_lowers_loss_and_changes_only_sigma(axis_merge, tmp_path):
-    settings = _settings(axis_merge, tmp_path)
-    report = run_tune(settings)
+def test_two_workers_lower_the_loss_change_only_sigma_and_resume_after_a_failure(axis_merge,
+                                                                                tmp_path):
+    """One run carries both: a Ray Train start costs ~40 s on 2 CPUs."""
+    marker = tmp_path / "failed-once"
+    settings = _settings(axis_merge, tmp_path, epochs=3, max_steps=5)
+    report = run_tune(settings, extra_loop_config={"fail_once_marker": str(marker),
+                                                   "fail_at_epoch": 1})
+    assert marker.exists(), "the injected failure happened"
+    assert report["starts"] == 2  # the restarted workers began from the epoch-0 checkpoint
+    assert report["steps"] == 15  # epochs 0, 1, 2 once each: epoch 0 was not redone
     assert report["eval_loss_after"] < report["eval_loss_before"]
     assert report["trainable_parameters"] == 6 * len(report["sigmas"])
 
@@ -63,27 +70,6 @@ def test_two_worker_tuning_lowers_loss_and_changes_only_sigma(axis_merge, tmp_pa
     assert "before" in card and f"{report['eval_loss_after']:.4f}" in card
 
 
-def test_a_failed_worker_resumes_from_the_last_checkpoint(axis_merge, tmp_path):
-    marker = tmp_path / "failed-once"
-    settings = _settings(axis_merge, tmp_path, epochs=3, max_steps=5)
-    report = run_tune(settings, extra_loop_config={"fail_once_marker": str(marker),
-                                                   "fail_at_epoch": 1})
-    assert marker.exists(), "the injected failure happened"
-    assert report["starts"] == 2  # the restarted workers began from the epoch-0 checkpoint
-    assert report["steps"] == 15  # epochs 0, 1, 2 once each: epoch 0 was not redone
-    assert (tmp_path / "tuned" / "model.safetensors.index.json").exists()
-
-
-def test_a_rerun_with_the_same_name_continues(axis_merge, tmp_path):
-    first = run_tune(_settings(axis_merge, tmp_path, epochs=1, max_steps=4, num_workers=1,
-                               run_name="continued"))
-    assert (first["epochs"], first["starts"], first["steps"]) == (1, 1, 4)
-    again = run_tune(_settings(axis_merge, tmp_path, epochs=2, max_steps=4, num_workers=1,
-                               run_name="continued", output=str(tmp_path / "tuned-2")))
-    assert (again["epochs"], again["starts"], again["steps"]) == (2, 2, 8)
-    assert again["eval_loss_before"] == first["eval_loss_before"]
-
-
 def _tune_yaml(axis_merge, tmp_path, **overrides):
     """A TUNE.yaml with the README's defaults for workers and CPUs unless overridden."""
     from helpers import write_recipe
@@ -95,16 +81,24 @@ def _tune_yaml(axis_merge, tmp_path, **overrides):
         "output": str(tmp_path / "tuned"), "storage_path": str(tmp_path / "runs"), **overrides})
 
 
-def test_the_readme_defaults_finish_on_a_two_cpu_cluster(axis_merge, tmp_path, capsys):
+def test_the_readme_defaults_finish_and_a_rerun_with_the_same_name_continues(axis_merge,
+                                                                              tmp_path, capsys):
     from raymerge.cli import main
     from raymerge.tune.config import load_tune_config
 
-    config = _tune_yaml(axis_merge, tmp_path)
+    config = _tune_yaml(axis_merge, tmp_path, run_name="continued")
     settings = load_tune_config(config)
     assert (settings.num_workers, settings.cpus_per_worker) == (2, None)  # the defaults
     assert main(["tune", str(config)]) == 0  # the session cluster has 2 CPUs
     assert "2 steps" in capsys.readouterr().out
-    assert (tmp_path / "tuned" / "model.safetensors.index.json").exists()
+    first = json.loads((tmp_path / "tuned" / "raymerge_manifest.json").read_text())["tuning"]
+    assert (first["epochs"], first["starts"], first["steps"]) == (1, 1, 2)
+
+    again = run_tune(load_tune_config(_tune_yaml(axis_merge, tmp_path, run_name="continued",
+                                                 epochs=2, output=str(tmp_path / "tuned-2"))))
+    assert (again["epochs"], again["starts"], again["steps"]) == (2, 2, 4)
+    assert again["eval_loss_before"] == first["eval_loss_before"]
+    assert (tmp_path / "tuned-2" / "model.safetensors.index.json").exists()
 
 
 @pytest.mark.parametrize("overrides, expected", [
