@@ -199,7 +199,7 @@ def main() -> None:
             if reference:
                 ratio = f"{wall / statistics.median(r['seconds'] for r in reference):.2f}"
                 memory = f"{peak / max(r['peak_rss'] for r in reference):.2f}"
-            process = runs[0]["peak_process"].strip()
+            process = " ".join(runs[0]["peak_process"].split())[:48]  # one table cell
             print(f"| {method} | {tool} | {wall:.1f} | {read / wall / 1e9:.2f} | "
                   f"{peak / 2**30:.2f} ({process}) | {ratio} | {memory} |")
         merges = [r["merge_seconds"] for r in results[(method, "raymerge")]]

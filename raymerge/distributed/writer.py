@@ -110,7 +110,8 @@ def stop_writer(writer, wait_s: float = 10.0) -> None:
     except Exception:  # the cluster is gone, and the writer with it
         return
     try:
-        ray.get(writer.finished.remote(), timeout=wait_s)  # answers only if the kill was lost
+        # answers only if the kill was lost; no retry, which a dead writer would log
+        ray.get(writer.finished.options(max_task_retries=0).remote(), timeout=wait_s)
     except Exception:  # RayActorError once it is dead (or the cluster is gone): what we wait for
         pass
 
