@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -117,8 +118,17 @@ def test_a_killed_writer_is_restarted_from_its_log(ray_cluster, float32_family, 
 
 def test_a_worker_killed_mid_unit_is_retried(ray_cluster, float32_family, tmp_path, clean_run,
                                              monkeypatch):
-    killed = on_unit_done(monkeypatch, lambda done: kill_processes("ray::merge_unit_on_node")
-                          if done <= 2 else [])
+    def kill_a_running_unit(done: int) -> list[int]:
+        """After each of the first 2 units: wait (≤ 2 s) for a worker running a unit, kill it.
+        All 4 units are submitted at once, so the others run while the driver waits here."""
+        deadline = time.monotonic() + 2
+        while done <= 2 and time.monotonic() < deadline:
+            if pids := kill_processes("ray::merge_unit_on_node"):
+                return pids
+            time.sleep(0.005)
+        return []
+
+    killed = on_unit_done(monkeypatch, kill_a_running_unit)
     out = tmp_path / "merged"
     recipe = axis_recipe(tmp_path, float32_family, out, max_in_flight=4)
     assert main(["merge", str(recipe), "--no-progress"]) == 0
