@@ -75,3 +75,25 @@ def method_block(name: str, **candidates) -> dict:
 
     fields = method_settings_class(name).model_fields
     return {"name": name, **{key: value for key, value in candidates.items() if key in fields}}
+
+
+def weighted_merge(tmp_path: Path, base: Path, sources: list[Path], weights: list[float],
+                   method: dict, calibrate: bool, runtime: dict) -> Path:
+    """`raymerge merge` of weighted sources into tmp_path/merged, embeddings and head excluded
+    from the method (merged as the mean), SVC with alpha auto when `calibrate`."""
+    from raymerge.cli import main
+
+    out = tmp_path / "merged"
+    recipe = {
+        "base": str(base),
+        "sources": [{"path": str(p), "weight": w} for p, w in zip(sources, weights)],
+        "method": method,
+        "output": {"path": str(out)},
+        "exclude": ["embed_tokens", "lm_head"],
+        "runtime": runtime,
+    }
+    if calibrate:
+        recipe["calibrate"] = {"svc": {"alpha": "auto"}}
+    assert main(["merge", str(write_recipe(tmp_path / "recipe.yaml", recipe)),
+                 "--no-progress"]) == 0
+    return out

@@ -7,30 +7,15 @@ import json
 
 import pytest
 import torch
-from helpers import load_tensors, manifest, method_block, write_recipe
+from helpers import load_tensors, manifest, method_block, weighted_merge
 from reference import reference_merge
 from reference_spectral import reference_spectral
-
-from raymerge.cli import main
 
 WEIGHTS = [1.0, 0.5, 1.5, 0.75, 1.25, 1.0, 0.8, 1.1, 0.9]
 
 
 def _merge(tmp_path, base, sources, method: dict, calibrate: bool, svd: str = "exact"):
-    out = tmp_path / "merged"
-    recipe = {
-        "base": str(base),
-        "sources": [{"path": str(p), "weight": w} for p, w in zip(sources, WEIGHTS)],
-        "method": method,
-        "output": {"path": str(out)},
-        "exclude": ["embed_tokens", "lm_head"],
-        "runtime": {"svd": svd},
-    }
-    if calibrate:
-        recipe["calibrate"] = {"svc": {"alpha": "auto"}}
-    assert main(["merge", str(write_recipe(tmp_path / "recipe.yaml", recipe)),
-                 "--no-progress"]) == 0
-    return out
+    return weighted_merge(tmp_path, base, sources, WEIGHTS, method, calibrate, {"svd": svd})
 
 
 def _relative_errors(out, base_dir, sources, expected_of) -> dict[str, float]:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import load_tensors, manifest, write_recipe
+from helpers import load_tensors, manifest, weighted_merge
 from reference_wudi_star import reference_wudi_star
-
-from raymerge.cli import main
 
 WEIGHTS = [1.0, 0.5, 1.5, 0.75, 1.25]
 WUDI_STEPS = {"iter_num": 40, "lr": 1e-4}
@@ -19,20 +17,8 @@ MATRIX = "model.layers.0.mlp.up_proj.weight"
 
 
 def _merge(tmp_path, base, sources, method: dict, calibrate: bool, compute_dtype: str):
-    out = tmp_path / "merged"
-    recipe = {
-        "base": str(base),
-        "sources": [{"path": str(p), "weight": w} for p, w in zip(sources, WEIGHTS)],
-        "method": method,
-        "output": {"path": str(out)},
-        "exclude": ["embed_tokens", "lm_head"],
-        "runtime": {"compute_dtype": compute_dtype},
-    }
-    if calibrate:
-        recipe["calibrate"] = {"svc": {"alpha": "auto"}}
-    assert main(["merge", str(write_recipe(tmp_path / "recipe.yaml", recipe)),
-                 "--no-progress"]) == 0
-    return out
+    return weighted_merge(tmp_path, base, sources, WEIGHTS, method, calibrate,
+                          {"compute_dtype": compute_dtype})
 
 
 # (method, N, SVC, compute dtype): float32 merges against the float64 reference within 5e-5
