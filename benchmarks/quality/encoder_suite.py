@@ -22,8 +22,10 @@ from encoders import Encoded, EncoderScorer, fine_tune, load_head, tokenizer_of,
 from selection import (
     MethodRunner,
     add_suite_arguments,
+    evaluation_dtype,
     open_work,
     read_tensors,
+    svc_variants,
     variant_label,
     with_options,
 )
@@ -75,9 +77,11 @@ def main(argv: list[str] | None = None) -> dict:
     heads = {name: load_head(work / "finetunes" / name) for name in tasks}
     data = {name: {"validation": Encoded(tokenizer, task.validation.head(VALIDATION_ROWS)),
                    "test": Encoded(tokenizer, task.test)} for name, task in tasks.items()}
-    scorer = EncoderScorer(base, heads, data)
+    dtype = evaluation_dtype(args.eval_dtype)
+    print(f"evaluation dtype: {str(dtype).removeprefix('torch.')}", flush=True)
+    scorer = EncoderScorer(base, heads, data, dtype)
     individual = {}
-    for name in tasks:  # scored the way the merges are (bfloat16)
+    for name in tasks:  # scored the way the merges are (in `dtype`)
         scorer.load(read_tensors(work / "finetunes" / name / "encoder"))
         individual[name] = {**trained[name], "test": scorer.scores("test", [name])[name]}
         print(f"fine-tune {name}: test {individual[name]['test']:.3f} "
@@ -92,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
         runner = MethodRunner(base, sources, scorer, work, LAMBDAS, EXTEND, SVC_LAMBDAS,
                               SVC_EXTEND, svc_alpha)
         for method_name in args.methods:
-            for svc in (False, True):
+            for svc in svc_variants(args.svc):
                 label = variant_label(method_name, methods, METHODS, svc, svc_alpha)
                 rows.append(runner.run(label, methods[method_name], svc))
                 print(f"{label}: λ={rows[-1]['scale']} test mean {_mean(rows[-1]['test']):.3f} "
@@ -104,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     results = {"tasks": list(tasks), "individual": individual, "rows": rows,
                "lambdas": LAMBDAS, "svc_lambdas": SVC_LAMBDAS, "methods": methods,
                "svc_alpha": svc_alpha,
-               "evaluation_dtype": "bfloat16", "timings": _rounded(runner.timings),
+               "evaluation_dtype": str(dtype).removeprefix("torch."),
+               "timings": _rounded(runner.timings),
                "fine_tune_seconds": round(fine_tuned_at - started, 1),
                "seconds": round(time.perf_counter() - started, 1)}
     (work / args.results).write_text(json.dumps(results, indent=2) + "\n")

@@ -32,8 +32,10 @@ from lm import (
 from selection import (
     MethodRunner,
     add_suite_arguments,
+    evaluation_dtype,
     open_work,
     read_tensors,
+    svc_variants,
     variant_label,
     with_options,
 )
@@ -103,9 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
     fine_tuned_at = time.perf_counter()
     data = {name: {"validation": prompts(tokenizer, task, task.validation.head(VALIDATION_ROWS)),
                    "test": prompts(tokenizer, task, task.test)} for name, task in tasks.items()}
-    scorer = LanguageModelScorer(base, data)
+    dtype = evaluation_dtype(args.eval_dtype)
+    print(f"evaluation dtype: {str(dtype).removeprefix('torch.')}", flush=True)
+    scorer = LanguageModelScorer(base, data, dtype)
     individual = {}
-    for name in tasks:  # scored the way the merges are (bfloat16)
+    for name in tasks:  # scored the way the merges are (in `dtype`)
         scorer.load(read_tensors(work / "finetunes" / name))
         individual[name] = {**trained[name], "test": scorer.scores("test", [name])[name]}
         print(f"fine-tune {name}: test exact match {individual[name]['test']['exact_match']:.3f}"
@@ -119,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
     with ray_session():
         runner = MethodRunner(base, sources, scorer, work, LAMBDAS, EXTEND, SVC_LAMBDAS,
                               SVC_EXTEND)
+        stage2_label = None  # the AXIS+SVC merge, kept for stage 2 (when the run has one)
         for method_name in args.methods:
-            for svc in (False, True):
+            for svc in svc_variants(args.svc):
                 label = variant_label(method_name, methods, METHODS, svc)
                 stage2_merge = method_name == "axis" and svc
                 rows.append(runner.run(label, methods[method_name], svc, keep=stage2_merge))
@@ -130,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
                       f"{mean(rows[-1]['test'], 'exact_match'):.3f} "
                       f"(validation by λ: {rows[-1]['validation_by_scale']})", flush=True)
         stage2 = None
-        if "axis" in args.methods:
+        if stage2_label is not None:
             stage2 = axis_stage2(work, runner.merged_path(stage2_label), base, tokenizer, scorer)
             stage2["scale"] = next(r["scale"] for r in rows if r["method"] == stage2_label)
             print(f"stage 2 on {TARGET}: {json.dumps(stage2)}", flush=True)
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 / individual[n]["test"]["exact_match"] for n in tasks) / len(tasks)
     results = {"tasks": list(tasks), "individual": individual, "rows": rows, "stage2": stage2,
                "lambdas": LAMBDAS, "svc_lambdas": SVC_LAMBDAS, "methods": methods,
-               "evaluation_dtype": "bfloat16",
+               "evaluation_dtype": str(dtype).removeprefix("torch."),
                "timings": {k: round(v, 1) for k, v in runner.timings.items()},
                "fine_tune_seconds": round(fine_tuned_at - started, 1),
                "seconds": round(time.perf_counter() - started, 1)}

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 
 
 class Scorer:
-    """One model under evaluation, held in bfloat16 (this CPU has AVX-512 BF16: ~3× faster than
-    float32), whose weights the suite replaces; scored on every task's data. A suite says how
+    """One model under evaluation, held in the evaluation dtype (`evaluation_dtype`), whose
+    weights the suite replaces; scored on every task's data. A suite says how
     one task's split is scored (`score_split`) and which number of that selects λ (`metric`)."""
 
     def __init__(self, model: torch.nn.Module, data: dict[str, dict]) -> None:
@@ -69,13 +69,43 @@ def choose_scale(grid, validation_score: Callable[[float], float],
     return max(scores, key=scores.get), dict(sorted(scores.items()))
 
 
+def evaluation_dtype(choice: str, cpu_flags: set[str] | None = None) -> torch.dtype:
+    """bfloat16 where the CPU computes it natively (AVX-512 BF16 or AMX: ~3× faster than float32
+    on MiniLM), float32 elsewhere: without those instructions PyTorch emulates bfloat16 matrix
+    products, ~80× slower than float32 (1.2 against 95 GFLOP/s measured on a 2-core AMD EPYC
+    without AVX-512). `choice` is "auto", "bfloat16" or "float32"; `cpu_flags` defaults to
+    this machine's (/proc/cpuinfo)."""
+    if choice == "auto":
+        flags = cpu_flags if cpu_flags is not None else _cpu_flags()
+        choice = "bfloat16" if flags & {"avx512_bf16", "amx_bf16"} else "float32"
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[choice]
+
+
+def _cpu_flags() -> set[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
 def add_suite_arguments(parser, default_work: str, option_example: str) -> None:
     """The command-line arguments both suites take."""
     parser.add_argument("--work", default=default_work)
+    parser.add_argument("--eval-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
+                        help="the dtype models are scored in (auto: bfloat16 where the CPU has "
+                             "AVX-512 BF16 or AMX, float32 elsewhere); merges are unaffected")
     parser.add_argument("--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
                         help=f"a method setting other than the default, e.g. {option_example} "
                              "(investigations; repeatable)")
     parser.add_argument("--results", default="results.json", help="file name under --work")
+    parser.add_argument("--svc", choices=("both", "without", "with"), default="both",
+                        help="which variants of each method: without SVC, with it, or both")
+
+
+def svc_variants(choice: str) -> tuple[bool, ...]:
+    """The `--svc` choice as the SVC flags to run, without first."""
+    return {"both": (False, True), "without": (False,), "with": (True,)}[choice]
 
 
 def open_work(directory: str) -> Path:

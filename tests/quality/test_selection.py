@@ -11,7 +11,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks" / "quality"))
 
-from selection import choose_scale, merge, read_tensors, scaled  # noqa: E402
+from selection import (  # noqa: E402
+    choose_scale,
+    evaluation_dtype,
+    merge,
+    read_tensors,
+    scaled,
+    svc_variants,
+)
 
 
 @pytest.mark.parametrize("method", [{"name": "iso_cts"}, {"name": "ties", "density": 0.3},
@@ -53,3 +60,19 @@ def test_the_grid_extends_past_the_edge_the_best_scale_sits_on():
     tried.clear()
     best, _ = choose_scale((0.5, 1.0, 2.0), lambda s: tried.append(s) or -abs(s - 1), extend=2)
     assert tried == [0.5, 1.0, 2.0] and best == 1.0
+
+
+def test_the_evaluation_dtype_is_bfloat16_only_where_the_cpu_has_it_natively():
+    assert evaluation_dtype("auto", {"avx2", "avx512f", "avx512_bf16"}) is torch.bfloat16
+    assert evaluation_dtype("auto", {"avx2", "amx_bf16"}) is torch.bfloat16
+    assert evaluation_dtype("auto", {"avx2", "avx512f"}) is torch.float32  # emulated: ~80× slower
+    assert evaluation_dtype("auto", set()) is torch.float32
+    assert evaluation_dtype("bfloat16", set()) is torch.bfloat16  # an explicit choice stands
+    assert evaluation_dtype("float32", {"avx512_bf16"}) is torch.float32
+    assert evaluation_dtype("auto") in (torch.bfloat16, torch.float32)  # this machine's flags
+
+
+def test_the_svc_choice_names_the_variants_run_without_first():
+    assert svc_variants("both") == (False, True)
+    assert svc_variants("without") == (False,)
+    assert svc_variants("with") == (True,)
