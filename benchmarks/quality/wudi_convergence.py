@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
         for column, m in candidates.items():
             losses[column].append(float((m * (m @ gram - 2 * target)).sum() + constant))
             norms[column].append(float(m.norm() / total.norm()))
+
     def ratios(column):  # per matrix, this M's loss over the optimum's
         return sorted(x / o for x, o in zip(losses[column], losses["optimum"]))
 
@@ -80,11 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
     print("| M | loss, summed over matrices | ÷ optimum's | median over matrices of ÷ optimum's "
           "| mean ‖M‖ ÷ ‖Σ Δᵢ‖ | merge |")
     print("| --- | --- | --- | --- | --- | --- |")
+    merge_time = {f"lr {lr:g}": f"{seconds[lr]} s" for lr in args.lr}
     for c in columns:
-        lr = next((lr for lr in args.lr if c == f"lr {lr:g}"), None)
         print(f"| {c} | {summary[c]['total_loss']:.4g} | {summary[c]['total_over_optimum']:.2f} | "
               f"{summary[c]['median_over_optimum']:.2f} | {summary[c]['norm_over_sum']:.2f} | "
-              f"{f'{seconds[lr]} s' if lr is not None else '—'} |")
+              f"{merge_time.get(c, '—')} |")
     results = {"matrices": len(matrices), "iter_num": args.iter_num, "summary": summary,
                "merge_seconds": {str(k): v for k, v in seconds.items()}}
     (work / "wudi-convergence.json").write_text(json.dumps(results, indent=2) + "\n")
