@@ -73,8 +73,9 @@ class MergeResult:
 def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = False) -> Prepared:
     """Resolve, validate and plan: cheap (headers and configs only), fails before heavy work."""
     allow_pickle = allow_pickle or recipe.allow_pickle
-    base = resolve_checkpoint(recipe.base, allow_pickle)
-    sources = [resolve_checkpoint(source.path, allow_pickle) for source in recipe.sources]
+    base = resolve_checkpoint(recipe.base, allow_pickle, storage=recipe.storage)
+    sources = [resolve_checkpoint(source.path, allow_pickle, storage=recipe.storage)
+               for source in recipe.sources]
     validate_sources(base, sources, vocabularies_may_differ=recipe.tokenizer is not None)
     spec = recipe.tokenizer
     vocabulary = output_vocabulary(base, sources, spec.source if spec else None,

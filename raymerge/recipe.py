@@ -25,6 +25,7 @@ from raymerge.settings import (
     validate_config,
 )
 from raymerge.sizes import parse_size
+from raymerge.store.settings import StorageSettings
 
 __all__ = ["DEFAULT_EXCLUDE", "OUTPUT_DTYPES", "Recipe", "SourceSpec", "StrictModel",
            "load_recipe", "method_settings", "one_line", "read_yaml", "recipe_from_dict",
@@ -141,6 +142,8 @@ class Recipe(StrictModel):
     # the output's chat template: "base", "auto" (the most common one), a source's path as
     # written, or a Jinja template
     chat_template: str | None = None
+    # where models in object stores are and how to reach them (never credentials)
+    storage: StorageSettings | None = None
 
     @field_validator("sources", mode="before")
     @classmethod
