@@ -1,0 +1,20 @@
+"""pytest fixtures for the test servers; tests/conftest.py loads them with
+`pytest_plugins = ["servers.fixtures"]`."""
+
+from __future__ import annotations
+
+import pytest
+
+from servers.seaweed import SeaweedS3
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> SeaweedS3:
+    """One SeaweedFS S3 server for the session. A test may stop() and start() it (same ports,
+    same data); it must leave it started."""
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
