@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from servers.hub import HubServer
 from servers.seaweed import SeaweedS3
 
 
@@ -14,6 +15,17 @@ def s3_server(tmp_path_factory) -> SeaweedS3:
     same data); it must leave it started."""
     server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs"))
     server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def hub_server() -> HubServer:
+    """The local Hub (no repos yet: add_repo them). Point huggingface_hub at it inside a test
+    with servers.hub.use_hub(monkeypatch, hub_server)."""
+    server = HubServer()
     try:
         yield server
     finally:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
+
+from servers.hub import use_hub
 
 
 def write_checkpoint(directory, size: int = 6 * 2**20 + 123) -> bytes:
@@ -81,3 +87,82 @@ def test_env_names_the_server_and_its_admin(s3_server):
     assert env["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key
     info = s3_server.filesystem().get_file_info(pafs.FileSelector("/"))
     assert "models" in [entry.base_name for entry in info]
+
+
+@pytest.fixture(scope="module")
+def hub_repo(hub_server, tmp_path_factory):
+    local = tmp_path_factory.mktemp("hub") / "ft-b"
+    data = write_checkpoint(local, size=3 * 2**20 + 11)
+    commit = hub_server.add_repo("org/ft-b", local)
+    return local, data, commit
+
+
+@pytest.fixture
+def online(hub_server, monkeypatch, tmp_path):
+    use_hub(monkeypatch, hub_server, cache_dir=tmp_path / "hf-cache")
+    hub_server.clear_requests()
+    return hub_server
+
+
+def test_hf_hub_download_small_and_lfs_files(online, hub_repo):
+    local, data, commit = hub_repo
+    config = huggingface_hub.hf_hub_download("org/ft-b", "config.json")
+    assert Path(config).read_bytes() == (local / "config.json").read_bytes()
+    assert Path(config).parent.name == commit
+    weights = huggingface_hub.hf_hub_download("org/ft-b", "model.safetensors", revision=commit)
+    assert Path(weights).read_bytes() == data
+    served = [(r.method, r.status, r.cdn, r.path.rsplit("/", 1)[-1]) for r in online.requests]
+    assert ("HEAD", 302, False, "model.safetensors") in served
+    assert ("GET", 200, True, hashlib.sha256(data).hexdigest()) in served
+
+
+def test_model_info_with_files_metadata_and_paths_info(online, hub_repo):
+    _, data, commit = hub_repo
+    api = huggingface_hub.HfApi()
+    info = api.model_info("org/ft-b", revision="main", files_metadata=True)
+    assert info.sha == commit
+    siblings = {sibling.rfilename: sibling for sibling in info.siblings}
+    assert siblings["model.safetensors"].lfs.sha256 == hashlib.sha256(data).hexdigest()
+    assert siblings["model.safetensors"].size == len(data)
+    assert siblings["config.json"].lfs is None and len(siblings["config.json"].blob_id) == 40
+    [entry] = api.get_paths_info("org/ft-b", ["model.safetensors"], revision=commit)
+    assert entry.lfs.sha256 == hashlib.sha256(data).hexdigest() and entry.size == len(data)
+
+
+def test_file_metadata_and_a_plain_http_range_request(online, hub_repo):
+    _, data, commit = hub_repo
+    url = huggingface_hub.hf_hub_url("org/ft-b", "model.safetensors")
+    metadata = huggingface_hub.get_hf_file_metadata(url)
+    assert (metadata.commit_hash, metadata.size) == (commit, len(data))
+    assert metadata.etag == hashlib.sha256(data).hexdigest()
+    assert metadata.location.startswith("http://127.0.0.1:") and metadata.location != url
+    request = urllib.request.Request(metadata.location, headers={"Range": "bytes=1000-1999"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 1000-1999/{len(data)}"
+        assert response.read() == data[1000:2000]
+    assert online.requests[-1].range == "bytes=1000-1999"
+    assert online.requests[-1].bytes_sent == 1000
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: huggingface_hub.model_info("org/absent"), "RepositoryNotFoundError"),
+    (lambda: huggingface_hub.model_info("org/ft-b", revision="v9"), "RevisionNotFoundError"),
+    (lambda: huggingface_hub.get_hf_file_metadata(
+        huggingface_hub.hf_hub_url("org/ft-b", "absent.json")), "RemoteEntryNotFoundError"),
+    (lambda: huggingface_hub.model_info("org/private", token=False), "RepositoryNotFoundError"),
+    (lambda: huggingface_hub.model_info("org/ft-b", token="hf_wrong"), "HfHubHTTPError"),
+])
+def test_errors_as_the_hub_gives_them(online, hub_repo, call, error):
+    local, _, _ = hub_repo
+    online.add_repo("org/private", local, private=True)
+    with pytest.raises(huggingface_hub.errors.HfHubHTTPError) as raised:
+        call()
+    assert type(raised.value).__name__ == error
+
+
+def test_private_repo_with_a_known_token(online, hub_repo):
+    local, _, _ = hub_repo
+    online.add_repo("org/private", local, private=True)
+    online.add_token("hf_known")
+    assert huggingface_hub.model_info("org/private", token="hf_known").id == "org/private"
