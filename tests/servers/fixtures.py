@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from servers.hub import HubServer
+from servers.recorder import RecordingProxy
 from servers.seaweed import SeaweedS3
 
 
@@ -19,6 +20,18 @@ def s3_server(tmp_path_factory) -> SeaweedS3:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def s3_recorder(s3_server) -> RecordingProxy:
+    """A recording proxy in front of s3_server, for one test: point clients at
+    s3_recorder.endpoint_url (s3_server.env(s3_recorder.endpoint_url)), then read
+    s3_recorder.requests / ranges("bucket/key"); fail_next(n) injects 503 SlowDown."""
+    proxy = RecordingProxy(s3_server.endpoint_url)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 @pytest.fixture(scope="session")

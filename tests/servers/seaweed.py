@@ -183,17 +183,19 @@ class SeaweedS3:
             for stale in Path("/tmp").glob(f"seaweedfs-*-{port}.sock"):
                 stale.unlink(missing_ok=True)
 
-    def env(self) -> dict[str, str]:
-        """What a client process (raymerge, a Ray worker) needs to reach this server."""
-        return {"AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.access_key,
+    def env(self, endpoint_url: str | None = None) -> dict[str, str]:
+        """What a client process (raymerge, a Ray worker) needs to reach this server (through
+        `endpoint_url`, a RecordingProxy's, if given)."""
+        return {"AWS_ENDPOINT_URL": endpoint_url or self.endpoint_url,
+                "AWS_ACCESS_KEY_ID": self.access_key,
                 "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": REGION}
 
     def filesystem(self, access_key: str | None = None, secret_key: str | None = None,
-                   **options) -> pafs.S3FileSystem:
+                   endpoint_url: str | None = None, **options) -> pafs.S3FileSystem:
         """A pyarrow S3 filesystem on this server, as the admin unless other keys are given."""
         return pafs.S3FileSystem(
             access_key=access_key or self.access_key, secret_key=secret_key or self.secret_key,
-            endpoint_override=self.endpoint_url, scheme="http", region=REGION,
+            endpoint_override=endpoint_url or self.endpoint_url, scheme="http", region=REGION,
             allow_bucket_creation=True, **options)
 
     def make_bucket(self, name: str) -> None:

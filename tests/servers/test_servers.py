@@ -66,6 +66,19 @@ def test_wrong_secret_and_identity_without_rights_are_refused(s3_server, uploade
             filesystem.open_input_file("models/ft-a/config.json")
 
 
+def test_recorder_logs_ranges_and_injects_transient_errors(s3_server, s3_recorder, uploaded):
+    data, _ = uploaded
+    filesystem = s3_server.filesystem(endpoint_url=s3_recorder.endpoint_url)
+    with filesystem.open_input_file("models/ft-a/model.safetensors") as file:
+        assert file.read_at(8, 0) == data[:8]
+        s3_recorder.fail_next(1)
+        assert file.read_at(5000, 2**20) == data[2**20:2**20 + 5000]
+    assert s3_recorder.ranges("models/ft-a/model.safetensors") == [
+        "bytes=0-7", f"bytes={2**20}-{2**20 + 4999}", f"bytes={2**20}-{2**20 + 4999}"]
+    gets = [request for request in s3_recorder.requests if request.method == "GET"]
+    assert [(get.status, get.bytes_sent) for get in gets] == [(206, 8), (503, 0), (206, 5000)]
+
+
 def test_stop_and_start_keep_ports_and_data(s3_server, uploaded):
     data, _ = uploaded
     endpoint = s3_server.endpoint_url
