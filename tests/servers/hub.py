@@ -1,6 +1,7 @@
 """A local server that speaks the Hugging Face Hub's protocol, for what huggingface_hub (2.4)
 asks of it: `hf_hub_download`, `get_hf_file_metadata`, `HfApi.model_info(files_metadata=True)`,
-`HfApi.get_paths_info`, and plain ranged GETs on resolve URLs.
+`HfApi.get_paths_info`, `HfApi.list_repo_tree`, `HfFileSystem` (ls, info, open and ranged
+reads), and plain ranged GETs on resolve URLs.
 
     GET/HEAD /{repo}/resolve/{revision}/{path}       small file: 200 (206 with Range), ETag = git
                                                      blob sha1; LFS file: 302 to the "CDN" with
@@ -9,6 +10,7 @@ asks of it: `hf_hub_download`, `get_hf_file_metadata`, `HfApi.model_info(files_m
     GET  /api/models/{repo}[/revision/{revision}]    sha, siblings (?blobs=true: size, blobId,
                                                      lfs {sha256, size, pointerSize})
     POST /api/models/{repo}/paths-info/{revision}    form field `paths` (repeated)
+    GET  /api/models/{repo}/tree/{revision}[/{dir}]  ?recursive=true; one page, no cursor
 
 Every resolve and API answer carries X-Repo-Commit. A repo has one fake commit (40 hex, from its
 files) and answers to it and to `main`; any other revision is 404 RevisionNotFound. Errors as
@@ -29,8 +31,8 @@ constants.HF_HUB_OFFLINE; is_offline_mode() returns the constant), so setting th
 in a running process changes nothing. `use_hub(monkeypatch, server)` patches those constants and
 sets the environment variables (for child processes, such as Ray workers started afterwards).
 
-Not implemented: the tree API (`list_repo_tree`, so HfFileSystem listings), refs other than main,
-gated repos, Xet, uploads, datasets and spaces.
+Not implemented: `expand=true` details (last commit, security scan), tree pagination, refs other
+than main (branches, tags, refs/pr/N), gated repos, Xet, uploads, datasets and spaces.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 CHUNK = 1 << 20
 RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<revision>[^/]+)/(?P<path>.+)$")
 MODEL_API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<revision>[^/]+))?$")
+TREE = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/tree/(?P<revision>[^/]+)(?:/(?P<path>.*))?$")
 PATHS_INFO = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)/paths-info/(?P<revision>[^/]+)$")
 CDN = re.compile(r"^/lfs/(?P<sha256>[0-9a-f]{64})$")
 RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
@@ -60,6 +63,10 @@ class RepoFile:
     sha256: str
     blob_id: str  # git's blob sha1 of the content (what the Hub reports for non-LFS files)
     lfs: bool
+
+    def folders(self) -> list[str]:
+        parts = self.path.split("/")[:-1]
+        return ["/".join(parts[:depth]) for depth in range(1, len(parts) + 1)]
 
     def sibling(self, blobs: bool) -> dict:
         entry: dict = {"rfilename": self.path}
@@ -84,6 +91,28 @@ class Repo:
     private: bool = False
 
 
+    def folders(self) -> set[str]:
+        return {folder for file in self.files.values() for folder in file.folders()}
+
+    def entries(self, paths: list[str]) -> list[dict]:
+        """paths-info and tree entries: files and folders (a folder's oid is made up)."""
+        folders = self.folders()
+        found = []
+        for path in paths:
+            if path in self.files:
+                found.append(self.files[path].path_info())
+            elif path in folders:
+                oid = hashlib.sha1(f"{self.commit}/{path}".encode()).hexdigest()
+                found.append({"type": "directory", "path": path, "oid": oid})
+        return found
+
+    def tree(self, folder: str, recursive: bool) -> list[dict]:
+        prefix = f"{folder}/" if folder else ""
+        below = [path for path in sorted(self.folders() | set(self.files))
+                 if path.startswith(prefix) and (recursive or "/" not in path[len(prefix):])]
+        return self.entries(below)
+
+
 @dataclass
 class Request:
     """One request as served: what the tests assert on."""
@@ -92,7 +121,7 @@ class Request:
     path: str
     range: str | None
     status: int
-    bytes_sent: int
+    bytes_sent: int  # the body's length as sent (less if the client hung up early)
     cdn: bool
 
 
@@ -137,11 +166,9 @@ class HubHandler(BaseHTTPRequestHandler):
         match = PATHS_INFO.match(urlsplit(self.path).path)
         if self.cdn or not match:
             return self.error(404, None, "Not Found")
-        repo = self.repo(match["repo"], match["revision"])
+        repo = self.repo(match["repo"], unquote(match["revision"]))
         if repo is not None:
-            infos = [repo.files[path].path_info() for path in form.get("paths", [])
-                     if path in repo.files]
-            self.send_json(infos, repo)
+            self.send_json(repo.entries(form.get("paths", [])), repo)
 
     def route(self, body: bool) -> None:
         url = urlsplit(self.path)
@@ -154,6 +181,15 @@ class HubHandler(BaseHTTPRequestHandler):
             return self.send_file(file, {"ETag": f'"{file.sha256}"'}, body)
         if match := RESOLVE.match(path):
             return self.resolve(match["repo"], unquote(match["revision"]), match["path"], body)
+        if match := TREE.match(path):
+            repo = self.repo(match["repo"], match["revision"])
+            if repo is None:
+                return
+            folder = (match["path"] or "").strip("/")
+            if folder and folder not in repo.folders():
+                return self.error(404, "EntryNotFound", "Entry not found", repo)
+            recursive = parse_qs(url.query).get("recursive", ["false"])[0].lower() == "true"
+            return self.send_json(repo.tree(folder, recursive), repo, body)
         if match := MODEL_API.match(path):
             repo = self.repo(match["repo"], unquote(match["revision"] or "main"))
             if repo is not None:
@@ -223,10 +259,10 @@ class HubHandler(BaseHTTPRequestHandler):
         for name, value in headers.items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(len(data)))
+        self.record(status, len(data) if body else 0)
         self.end_headers()
         if body:
             self.wfile.write(data)
-        self.record(status, len(data) if body else 0)
 
     def send_file(self, file: RepoFile, headers: dict, body: bool) -> None:
         start, end = 0, file.size  # end exclusive
@@ -247,18 +283,20 @@ class HubHandler(BaseHTTPRequestHandler):
         for name, value in (headers | {"Accept-Ranges": "bytes"}).items():
             self.send_header(name, value)
         self.send_header("Content-Length", str(end - start))
+        self.record(status, end - start if body else 0)
         self.end_headers()
-        sent = 0
         if body:
             with open(file.local, "rb") as stream:
                 stream.seek(start)
+                sent = 0
                 while sent < end - start:
                     chunk = stream.read(min(CHUNK, end - start - sent))
                     self.wfile.write(chunk)
                     sent += len(chunk)
-        self.record(status, sent)
 
     def record(self, status: int, bytes_sent: int) -> None:
+        """Logged before the body goes out: once a client has its last byte, the test that
+        reads the log must find the request there."""
         with self.state.lock:
             self.state.requests.append(Request(self.command, self.path, self.headers.get("Range"),
                                                status, bytes_sent, self.cdn))

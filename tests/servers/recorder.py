@@ -32,7 +32,7 @@ class Request:
     query: str
     range: str | None
     status: int
-    bytes_sent: int  # response body bytes passed to the client
+    bytes_sent: int  # the response body's length (less reached a client that hung up early)
 
 
 class ProxyHandler(BaseHTTPRequestHandler):
@@ -78,16 +78,16 @@ class ProxyHandler(BaseHTTPRequestHandler):
                 self.send_header(name, value)
         if data is not None:
             self.send_header("Content-Length", str(len(data)))
+        length = len(data) if data is not None else int(response.getheader("Content-Length"))
+        # Logged before the body goes out: once a client has its last byte, the test that
+        # reads the log must find the request there.
+        self.record(response.status, 0 if self.command == "HEAD" else length)
         self.end_headers()
-        sent = 0
         if data is not None:
             self.wfile.write(data)
-            sent = len(data) if self.command != "HEAD" else 0
         elif self.command != "HEAD":
             while chunk := response.read(CHUNK):
                 self.wfile.write(chunk)
-                sent += len(chunk)
-        self.record(response.status, sent)
 
     def fail(self, status: int) -> None:
         code = {503: "SlowDown", 500: "InternalError", 501: "NotImplemented"}.get(status, "Error")
@@ -98,10 +98,10 @@ class ProxyHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/xml")
         self.send_header("Content-Length", str(len(body)))
+        self.record(status, 0)
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.record(status, 0)
 
     def record(self, status: int, bytes_sent: int) -> None:
         url = urlsplit(self.path)

@@ -179,3 +179,15 @@ def test_private_repo_with_a_known_token(online, hub_repo):
     online.add_repo("org/private", local, private=True)
     online.add_token("hf_known")
     assert huggingface_hub.model_info("org/private", token="hf_known").id == "org/private"
+
+
+def test_hf_file_system_lists_and_reads_a_range(online, hub_repo):
+    _, data, commit = hub_repo
+    filesystem = huggingface_hub.HfFileSystem(skip_instance_cache=True)
+    assert filesystem.ls(f"org/ft-b@{commit}", detail=False) == [
+        f"org/ft-b@{commit}/config.json", f"org/ft-b@{commit}/model.safetensors"]
+    with filesystem.open(f"org/ft-b@{commit}/model.safetensors", "rb", block_size=2**16) as file:
+        file.seek(2**21)
+        assert file.read(500) == data[2**21:2**21 + 500]
+    [cdn_get] = [request for request in online.requests if request.cdn]
+    assert cdn_get.range.startswith(f"bytes={2**21}-") and cdn_get.bytes_sent < 2**17
