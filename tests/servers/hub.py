@@ -323,13 +323,16 @@ class HubServer:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.hub.server_address[1]}"
 
-    def add_repo(self, repo_id: str, directory: Path, private: bool = False) -> str:
-        """Serve every file under `directory` as repo `repo_id`; returns its commit."""
+    def add_repo(self, repo_id: str, directory: Path, private: bool = False,
+                 lfs_min_bytes: int | None = None) -> str:
+        """Serve every file under `directory` as repo `repo_id`; returns its commit.
+        `lfs_min_bytes=0` makes every safetensors file LFS (tiny test checkpoints)."""
+        threshold = self.lfs_min_bytes if lfs_min_bytes is None else lfs_min_bytes
         files = {}
         for local in sorted(Path(directory).rglob("*")):
             if local.is_file():
                 path = local.relative_to(directory).as_posix()
-                files[path] = describe_file(local, path, self.lfs_min_bytes)
+                files[path] = describe_file(local, path, threshold)
         listing = "".join(f"{file.path} {file.blob_id}\n" for file in files.values())
         commit = hashlib.sha1(f"{repo_id}\n{listing}".encode()).hexdigest()
         self.state.repos[repo_id] = Repo(repo_id, commit, files, private)

@@ -64,6 +64,10 @@ def test_wrong_secret_and_identity_without_rights_are_refused(s3_server, uploade
         filesystem = s3_server.filesystem(access_key, secret_key)
         with pytest.raises(OSError, match="ACCESS_DENIED"):
             filesystem.open_input_file("models/ft-a/config.json")
+    anonymous = pafs.S3FileSystem(anonymous=True, endpoint_override=s3_server.endpoint_url,
+                                  scheme="http")
+    with pytest.raises(OSError, match="ACCESS_DENIED"):
+        anonymous.open_input_file("models/ft-a/config.json")
 
 
 def test_recorder_logs_ranges_and_injects_transient_errors(s3_server, s3_recorder, uploaded):
