@@ -18,6 +18,12 @@ the Hub: 404 + X-Error-Code RepoNotFound / RevisionNotFound / EntryNotFound; a p
 without a token is 401 RepoNotFound; a token the server does not know is 401 "Invalid
 credentials in Authorization header" (huggingface_hub raises a plain HfHubHTTPError for it).
 
+`requests` logs each request served (method, path, Range, status, body bytes, CDN or not);
+`fail_next(n)` answers the next n requests with a 503.
+
+huggingface_hub 2.4 also GETs `/api/agent-harnesses` (its agent detection, at most once a day;
+here a 404, which it ignores): expect it in the log.
+
 LFS files are `*.safetensors` of at least `lfs_min_bytes` (1 MiB unless told). Their redirect
 goes to a second port on 127.0.0.1: a different origin, as cdn-lfs/cas-bridge are for
 huggingface.co. That matters: huggingface_hub 2.4 follows a HEAD redirect to the same origin
@@ -130,6 +136,7 @@ class HubState:
     repos: dict[str, Repo] = field(default_factory=dict)
     tokens: set[str] = field(default_factory=set)
     requests: list[Request] = field(default_factory=list)
+    failures: list[int] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     cdn_url: str = ""
 
@@ -155,14 +162,18 @@ class HubHandler(BaseHTTPRequestHandler):
         pass
 
     def do_HEAD(self) -> None:
-        self.route(body=False)
+        if not self.injected_failure():
+            self.route(body=False)
 
     def do_GET(self) -> None:
-        self.route(body=True)
+        if not self.injected_failure():
+            self.route(body=True)
 
     def do_POST(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         form = parse_qs(self.rfile.read(length).decode())
+        if self.injected_failure():
+            return
         match = PATHS_INFO.match(urlsplit(self.path).path)
         if self.cdn or not match:
             return self.error(404, None, "Not Found")
@@ -216,6 +227,13 @@ class HubHandler(BaseHTTPRequestHandler):
                     "X-Linked-Size": str(file.size),
                     "Location": f"{self.state.cdn_url}/lfs/{file.sha256}"}
         self.send_bytes(302, headers, b"", body)
+
+    def injected_failure(self) -> bool:
+        with self.state.lock:
+            status = self.state.failures.pop(0) if self.state.failures else None
+        if status is not None:
+            self.error(status, None, "injected by the test server")
+        return status is not None
 
     def repo(self, repo_id: str, revision: str) -> Repo | None:
         """The repo at `revision`, or None after answering the error the Hub would give."""
@@ -345,6 +363,11 @@ class HubServer:
     def requests(self) -> list[Request]:
         with self.state.lock:
             return list(self.state.requests)
+
+    def fail_next(self, count: int, status: int = 503) -> None:
+        """Answer the next `count` requests (Hub or CDN) with `status`: a transient error."""
+        with self.state.lock:
+            self.state.failures.extend([status] * count)
 
     def clear_requests(self) -> None:
         with self.state.lock:

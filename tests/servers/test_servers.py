@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,6 +177,15 @@ def test_errors_as_the_hub_gives_them(online, hub_repo, call, error):
     with pytest.raises(huggingface_hub.errors.HfHubHTTPError) as raised:
         call()
     assert type(raised.value).__name__ == error
+
+
+def test_injected_transient_failure(online, hub_repo):
+    url = huggingface_hub.hf_hub_url("org/ft-b", "config.json")
+    online.fail_next(1)
+    with pytest.raises(urllib.error.HTTPError, match="503"):
+        urllib.request.urlopen(url)
+    with urllib.request.urlopen(url) as response:
+        assert response.status == 200
 
 
 def test_private_repo_with_a_known_token(online, hub_repo):
