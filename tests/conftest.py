@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from raymerge.synthetic import write_finetune  # noqa: E402
 
+pytest_plugins = ["servers.fixtures"]  # s3_server (and hub_server): tests/servers/
+
 TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
                   max_position_embeddings=64)
