@@ -5,6 +5,7 @@ directly."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -51,6 +52,8 @@ class MergeJob:
     memory: int | None = None  # bytes the task asked Ray for; a unit that cannot fit is refused
     source_parameters: list[dict[str, Any]] | None = None  # each source's own method keys
     reindexing: Reindexing | None = None  # vocabulary-indexed tensors onto the output vocabulary
+    # a node-local directory and the bytes it may hold: store ranges kept for a second pass
+    source_cache: tuple[str, int] | None = None
 
     def reindexes(self, name: str) -> bool:
         return self.reindexing is not None and name in self.reindexing.axes
@@ -75,7 +78,10 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
     outputs: dict[str, np.ndarray] = {}
     factors: dict[str, dict[str, np.ndarray]] = {}
     tensor_stats: dict[str, dict[str, Any]] = {}
-    with PeakMemory() as memory, torch.inference_mode(), TensorReader(job.device) as reader:
+    range_cache = (os.path.join(job.source_cache[0], f"unit-{unit.index}-{os.getpid()}"),
+                   job.source_cache[1]) if job.source_cache else None
+    with PeakMemory() as memory, torch.inference_mode(), \
+            TensorReader(job.device, source_cache=range_cache) as reader:
         cache = FactorCache(job.factor_cache) if job.factor_cache else None
         options = replace(job.options, factor_cache=cache)
         for position, tensor in enumerate(unit.tensors):
@@ -109,6 +115,7 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         "tensors": tensor_stats,
         "factor_cache_hits": cache.hits if cache else 0,
         "factor_cache_misses": cache.misses if cache else 0,
+        "fetched_bytes": reader.fetched_bytes,
     }
     return stats, {"unit": unit.index, "tensors": outputs, "factors": factors}
 

@@ -19,7 +19,8 @@ from raymerge.output.manifest import sha256_of
 from raymerge.recipe import Recipe
 
 # Recipe fields that change neither the output bytes nor where they go.
-_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check")}
+_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check",
+                                 "source_cache", "source_cache_size")}
 # Keys added after recipes were first published: left out of the digest while unset, so that
 # adding them to raymerge changed no existing recipe's submission id.
 _LEFT_OUT_WHEN_UNSET = ("tokenizer", "chat_template")

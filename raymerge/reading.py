@@ -11,8 +11,9 @@ once (elementwise operations; slices are whole rows)."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ from raymerge.prefetch import Copier, Prefetcher, ReadRequest, cuda_copier
 from raymerge.sources.checkpoint import Checkpoint
 from raymerge.sources.tensor_bytes import read_numpy_tensor
 from raymerge.store import ByteSource, open_bytes
+from raymerge.store.cache import CachedSource
 from raymerge.tensor_bits import TORCH_DTYPES
 
 Read = tuple[Checkpoint, str]  # a tensor of a checkpoint, by name
@@ -64,7 +66,8 @@ class TensorReader:
     first slices are read while the current tensor is merged."""
 
     def __init__(self, device: str = "cpu", copier: Copier | None = None,
-                 depth: int | None = None, slice_bytes: int | None = None) -> None:
+                 depth: int | None = None, slice_bytes: int | None = None,
+                 source_cache: tuple[str, int] | None = None) -> None:
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
         self.slice_bytes = slice_bytes or (CPU_CHUNK_BYTES if on_cpu else GPU_CHUNK_BYTES)
@@ -74,12 +77,27 @@ class TensorReader:
         self.prefetcher = Prefetcher(depth or (4 if on_cpu else 3), self.slice_bytes,
                                      pinned=self.device.type == "cuda")
         self.files: dict[str, ByteSource] = {}
+        # (a node-local directory, bytes it may hold): what this reader fetches from a store
+        # is kept there for a second pass, until the reader closes
+        self.source_cache = source_cache
+        self.cache_budget = [source_cache[1] if source_cache else 0]
+        self.fetched_from_stores = 0  # bytes of files closed so far
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes this reader fetched from stores (not from local files, nor its cache)."""
+        return self.fetched_from_stores + sum(getattr(source, "fetched_bytes", 0)
+                                              for source in self.files.values())
 
     def close(self) -> None:
         self.prefetcher.close()
+        self.fetched_from_stores = self.fetched_bytes
         for source in self.files.values():
             source.close()
         self.files = {}
+        if self.source_cache:
+            with suppress(OSError):
+                os.rmdir(self.source_cache[0])
 
     def __enter__(self) -> TensorReader:
         return self
@@ -89,7 +107,10 @@ class TensorReader:
 
     def _source(self, checkpoint: Checkpoint, uri: str) -> ByteSource:
         if uri not in self.files:
-            self.files[uri] = open_bytes(uri, checkpoint.storage)
+            source = open_bytes(uri, checkpoint.storage)
+            if self.source_cache and checkpoint.remote:
+                source = CachedSource(source, self.source_cache[0], self.cache_budget)
+            self.files[uri] = source
         return self.files[uri]
 
     def _request(self, checkpoint: Checkpoint, name: str) -> ReadRequest:

@@ -112,11 +112,21 @@ class RuntimeSpec(StrictModel):
     factor_cache: str | None = None
     # refuse a task no node can hold (false on a cluster whose autoscaler adds nodes on demand)
     resource_check: bool = True
+    # a node-local directory (e.g. NVMe) where a unit keeps the byte ranges it fetched from a
+    # store until it is done, so that a second pass over the sources fetches nothing again;
+    # at most source_cache_size bytes per unit
+    source_cache: str | None = None
+    source_cache_size: int = parse_size("64GB")
 
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> int | None:
         return None if value is None else parse_size(value)
+
+    @field_validator("source_cache_size", mode="before")
+    @classmethod
+    def _cache_size(cls, value: Any) -> int:
+        return parse_size(value)
 
 
 class TokenizerSpec(StrictModel):
