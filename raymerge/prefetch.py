@@ -8,7 +8,8 @@ the buffer). So a refill never overwrites bytes that a queued copy has yet to re
 the device's stream is, and the task's thread never waits for a copy itself.
 
 Memory: `depth` buffers of `slice_bytes` each per task (4 × 1 MiB on the CPU, 3 × 32 MiB pinned
-for a GPU), a buffer larger only for a tensor one of whose rows is larger than a slice."""
+for a GPU; reading from a store, slices of 32 MiB: 4 × 32 MiB on the CPU), a buffer larger only
+for a tensor one of whose rows is larger than a slice."""
 
 from __future__ import annotations
 

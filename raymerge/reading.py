@@ -31,6 +31,7 @@ Read = tuple[Checkpoint, str]  # a tensor of a checkpoint, by name
 
 CPU_CHUNK_BYTES = 1 << 20  # a slice of a source's bytes: stays in the L2 cache with its f32 copy
 GPU_CHUNK_BYTES = 1 << 25  # fewer, larger host-to-device copies
+REMOTE_CHUNK_BYTES = 1 << 25  # from a store: 4 range requests of 8 MiB in flight per slice
 
 
 @contextmanager
@@ -117,7 +118,10 @@ class TensorReader:
         info = checkpoint.tensors[name]
         itemsize = TORCH_DTYPES[info.dtype].itemsize
         row = max(1, math.prod(info.shape[1:])) if info.shape else 1
-        step = max(1, self.slice_bytes // (row * itemsize)) * row
+        # a store's slices are larger: fewer requests, each split into parallel ranges
+        slice_bytes = max(self.slice_bytes, REMOTE_CHUNK_BYTES) if checkpoint.remote \
+            else self.slice_bytes
+        step = max(1, slice_bytes // (row * itemsize)) * row
         return ReadRequest(key=(info.file, name), source=self._source(checkpoint, info.file),
                            offset=info.offset, itemsize=itemsize,
                            slices=[(start, min(step, info.numel - start))

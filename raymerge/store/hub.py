@@ -18,6 +18,7 @@ from raymerge.errors import SourceError
 from raymerge.store.base import FileFacts, Transient, with_retries
 from raymerge.store.local import LocalStore
 from raymerge.store.objects import without_secrets
+from raymerge.store.ranges import PART_BYTES, read_in_parts
 from raymerge.store.settings import StorageSettings
 
 HUB_ID = re.compile(r"^(hf://)?(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(@(?P<revision>[\w./-]+))?$")
@@ -46,8 +47,6 @@ def _transient_status(status: int) -> bool:
 
 class HttpFile:
     """A file at an https URL, by range: parts fetched in parallel, retried when transient."""
-
-    PART_BYTES = 8 << 20
 
     def __init__(self, url: str, storage: StorageSettings) -> None:
         self.url = url
@@ -79,15 +78,8 @@ class HttpFile:
         with_retries(attempt, self.url, self.storage.retries)
 
     def read_into(self, view: memoryview, offset: int) -> None:
-        parts = [(view[start:start + self.PART_BYTES], offset + start)
-                 for start in range(0, len(view), self.PART_BYTES)]
-        if len(parts) == 1:
-            self._read_part(*parts[0])
-        else:
-            from raymerge.store.ranges import parallel
-
-            parallel([lambda p=part: self._read_part(*p) for part in parts],
-                     self.storage.ranges_in_flight)
+        read_in_parts(view, offset, self._read_part, PART_BYTES,
+                      self.storage.ranges_in_flight)
         self.fetched_bytes += len(view)
 
     def close(self) -> None:

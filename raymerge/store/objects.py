@@ -13,7 +13,8 @@ import os
 from functools import lru_cache
 
 from raymerge.errors import SourceError
-from raymerge.store.base import FileFacts, Transient, with_retries
+from raymerge.store.base import FileFacts, StoreUnavailableError, Transient, with_retries
+from raymerge.store.ranges import PART_BYTES, read_in_parts
 from raymerge.store.settings import StorageSettings
 
 SCHEMES = ("s3", "gs", "gcs", "abfs", "az")
@@ -90,8 +91,6 @@ class ObjectFile:
     stream stalls near 100 MB/s; parallel ranges reach the network's speed), each retried
     with backoff on a transient error."""
 
-    PART_BYTES = 8 << 20
-
     def __init__(self, uri: str, storage: StorageSettings) -> None:
         self.uri = uri
         self.storage = storage
@@ -117,15 +116,8 @@ class ObjectFile:
         with_retries(attempt, self.uri, self.storage.retries)
 
     def read_into(self, view: memoryview, offset: int) -> None:
-        parts = [(view[start:start + self.PART_BYTES], offset + start)
-                 for start in range(0, len(view), self.PART_BYTES)]
-        if len(parts) == 1:
-            self._read_part(*parts[0])
-        else:
-            from raymerge.store.ranges import parallel
-
-            parallel([lambda p=part: self._read_part(*p) for part in parts],
-                     self.storage.ranges_in_flight)
+        read_in_parts(view, offset, self._read_part, PART_BYTES,
+                      self.storage.ranges_in_flight)
         self.fetched_bytes += len(view)
 
     def close(self) -> None:
@@ -142,12 +134,21 @@ class ObjectStore:
         self.filesystem, self.path = filesystem_for(label, storage)
 
     def _call(self, what, fix: str):
+        """what() on the driver, retried; a store that never answers is the recipe's problem
+        here (a wrong endpoint, or no network): nothing has started, so nothing to keep."""
         def attempt():
             try:
                 return what()
             except OSError as error:
                 raise classify(error, f"source {self.label}", fix) from None
-        return with_retries(attempt, f"source {self.label}", self.storage.retries)
+        try:
+            return with_retries(attempt, f"source {self.label}", self.storage.retries)
+        except StoreUnavailableError as error:
+            reason = str(error).split("attempts (", 1)[-1].split("); the finished")[0]
+            raise SourceError(
+                f"source {self.label}: the store did not answer after {self.storage.retries} "
+                f"attempts ({reason}); check storage.endpoint (or AWS_ENDPOINT_URL), the region "
+                "and the network") from None
 
     def files(self) -> dict[str, FileFacts]:
         from pyarrow import fs

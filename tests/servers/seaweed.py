@@ -34,7 +34,6 @@ from __future__ import annotations
 import atexit
 import json
 import signal
-import socket
 import subprocess
 import sysconfig
 import time
@@ -42,6 +41,7 @@ import urllib.request
 from pathlib import Path
 
 import pyarrow.fs as pafs
+from ray_clusters import free_ports
 
 REGION = "us-east-1"
 PORT_NAMES = ("master", "master.grpc", "volume", "volume.grpc", "filer", "filer.grpc", "s3",
@@ -57,18 +57,6 @@ def weed_binary() -> str:
     return str(path)
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct loopback ports free now (held open together while they are picked)."""
-    probes = [socket.socket() for _ in range(count)]
-    try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
-    finally:
-        for probe in probes:
-            probe.close()
-
-
 class SeaweedS3:
     """One `weed server` (master, volume, filer, S3 gateway) under `root`, on free ports."""
 
@@ -81,7 +69,7 @@ class SeaweedS3:
         self.root = Path(root)
         self.data_dir = self.root / "data"
         self.log_path = self.root / "weed.log"
-        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES))))
+        self.ports = dict(zip(PORT_NAMES, free_ports(len(PORT_NAMES), "127.0.0.1")))
         self.process: subprocess.Popen | None = None
         atexit.register(self.stop)  # pytest interrupted: still no server left running
         self.start_seconds: list[float] = []

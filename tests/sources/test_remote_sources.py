@@ -242,3 +242,16 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text())
+
+
+def test_a_wrong_endpoint_is_one_line_before_any_work(in_s3, tmp_path, capsys):
+    from ray_clusters import free_ports
+
+    closed = f"http://127.0.0.1:{free_ports(1, '127.0.0.1')[0]}"
+    recipe = write_recipe(tmp_path / "bad.yaml", {
+        "base": in_s3["uri"]["base"], "sources": [in_s3["uri"]["ft-0"]],
+        "storage": {"endpoint": closed, "retries": 1}, "output": {"path": str(tmp_path / "out")}})
+    assert main(["merge", str(recipe), "--no-progress"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and in_s3["uri"]["base"] in error
+    assert "check storage.endpoint" in error and not (tmp_path / "out").exists()
