@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raymerge.errors import ClusterError, SourceError
+from raymerge.errors import ClusterLostError, SourceError
 from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, Method, build_method
@@ -70,7 +70,28 @@ class MergeJob:
 def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
     """Small statistics about one unit, and its payload for the writer: the merged tensors
     (numpy, exact output bytes) and, for methods that have them, the factors U, σ, V of each
-    merged delta (numpy, compute dtype)."""
+    merged delta (numpy, compute dtype).
+
+    A unit that runs out of GPU memory is merged again on its node's CPU (the task has its CPUs
+    and host memory; a whole GPU may not be free, and would not help a task that already had
+    one). Its tensors then equal the GPU's within float32 rounding, and its stats say so. A
+    unit that runs out of memory there too stops the merge as a fault, not bad input: its
+    finished units are kept for a rerun with more memory per task."""
+    try:
+        return _merge_unit_on(job, unit)
+    except torch.cuda.OutOfMemoryError as error:
+        if job.device == "cpu":
+            raise UnitOutOfMemoryError(out_of_memory(unit, str(error))) from None
+        tensor = str(error).partition(" @ ")[2]
+    try:
+        stats, payload = _merge_unit_on(replace(job, device="cpu"), unit)
+    except (torch.cuda.OutOfMemoryError, MemoryError) as error:
+        raise UnitOutOfMemoryError(out_of_memory(unit, str(error))) from None
+    stats["retried_on_cpu"] = f"the GPU ran out of memory on {tensor or 'a tensor'}"
+    return stats, payload
+
+
+def _merge_unit_on(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str, Any]]:
     check_fits(unit, job.memory)  # before allocating anything
     if job.num_threads:
         torch.set_num_threads(job.num_threads)
@@ -94,12 +115,13 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
             tensor_options = replace(options, factor_cache=None) if job.reindexes(tensor.name) \
                 else options
             method = job.method_for(tensor, tensor_options)
+            inject_out_of_memory(job, unit)
             try:
                 merged, tensor_stats[tensor.name] = _merge_tensor(
                     job, method, tensor, TORCH_DTYPES[tensor.output_dtype], reader,
                     after=_base_read(job, unit.tensors[position + 1:]))
-            except torch.cuda.OutOfMemoryError:
-                raise ClusterError(out_of_gpu_memory(unit, tensor.name)) from None
+            except torch.cuda.OutOfMemoryError as error:  # named for the retry's stats
+                raise torch.cuda.OutOfMemoryError(f"{error} @ {tensor.name}") from None
             outputs[tensor.name] = to_numpy_bits(merged)
             del merged
             for suffix, part_stats in method.report.parts.items():  # an expert stack's slices
@@ -120,13 +142,33 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
     return stats, {"unit": unit.index, "tensors": outputs, "factors": factors}
 
 
-def out_of_gpu_memory(unit: WorkUnit, tensor_name: str) -> str:
+class UnitOutOfMemoryError(ClusterLostError):
+    """A unit did not fit in its task's memory, on the GPU nor on the CPU: the merge stops with
+    its finished units kept (exit 3), to be resumed with more memory per task."""
+
+
+def out_of_memory(unit: WorkUnit, detail: str) -> str:
     from raymerge.sizes import format_size
 
-    return (f"unit {unit.name}: the GPU ran out of memory merging tensor {tensor_name} (about "
-            f"{format_size(unit.peak_bytes)} per task estimated); give each task more of the GPU "
-            "(a larger runtime.num_gpus: fewer tasks share it), lower runtime.max_in_flight, or "
-            "merge on the CPU (runtime.device: cpu)")
+    where = detail.partition(" @ ")[2]
+    return (f"unit {unit.name}: out of memory{' on tensor ' + where if where else ''}, on the "
+            f"GPU and again on the CPU (about {format_size(unit.peak_bytes)} per task "
+            "estimated); give each task more memory (runtime.memory) or fewer tasks per node "
+            "(runtime.max_in_flight), then")
+
+
+# Fault injection for tests: RAYMERGE_INJECT_OOM="UNIT[:DEVICE]" makes that unit's first tensor
+# raise an out-of-memory on that device (cuda: the default), in whatever process merges it.
+_INJECT_OOM = "RAYMERGE_INJECT_OOM"
+
+
+def inject_out_of_memory(job: MergeJob, unit: WorkUnit) -> None:
+    target = os.environ.get(_INJECT_OOM)
+    if not target:
+        return
+    name, _, device = target.partition(":")
+    if name == unit.name and torch.device(job.device).type == (device or "cuda"):
+        raise torch.cuda.OutOfMemoryError(f"injected ({_INJECT_OOM})")
 
 
 def _base_read(job: MergeJob, following: list[TensorTask]) -> Read | None:

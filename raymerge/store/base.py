@@ -52,6 +52,11 @@ class StoreUnavailableError(ClusterLostError):
     """The store did not answer (timeouts, 5xx, throttling, resets) after every retry: not the
     input's fault, so a merge keeps its finished units and the same command resumes."""
 
+    def __init__(self, where: str, attempts: int, reason: str) -> None:
+        super().__init__(f"{where}: the store did not answer after {attempts} attempts "
+                         f"({reason}); once it is back,")
+        self.reason = reason
+
 
 class Transient(Exception):
     """A store error worth retrying (wraps the original)."""
@@ -70,10 +75,7 @@ def with_retries(what: Callable[[], T], where: str, attempts: int, first_wait: f
             return what()
         except Transient as error:
             if attempt == attempts:
-                raise StoreUnavailableError(
-                    f"{where}: the store did not answer after {attempts} attempts ({error}); "
-                    "the finished units are kept: rerun the same command to resume once the "
-                    "store is back") from None
+                raise StoreUnavailableError(where, attempts, str(error)) from None
             sleep(wait)
             wait = min(8.0, wait * 2)
     raise AssertionError("unreachable")

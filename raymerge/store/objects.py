@@ -144,11 +144,10 @@ class ObjectStore:
         try:
             return with_retries(attempt, f"source {self.label}", self.storage.retries)
         except StoreUnavailableError as error:
-            reason = str(error).split("attempts (", 1)[-1].split("); the finished")[0]
             raise SourceError(
                 f"source {self.label}: the store did not answer after {self.storage.retries} "
-                f"attempts ({reason}); check storage.endpoint (or AWS_ENDPOINT_URL), the region "
-                "and the network") from None
+                f"attempts ({error.reason}); check storage.endpoint (or AWS_ENDPOINT_URL), "
+                "the region and the network") from None
 
     def files(self) -> dict[str, FileFacts]:
         from pyarrow import fs

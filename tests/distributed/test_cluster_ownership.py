@@ -200,24 +200,6 @@ def test_a_merge_task_no_node_can_hold_fails_at_once(ray_cluster, float32_family
     assert "runtime.num_gpus" in error and published(out) == []
 
 
-def test_a_cuda_out_of_memory_in_a_task_names_the_unit(float32_family, monkeypatch):
-    from raymerge import execute
-    from raymerge.merge import _job, prepare
-    from raymerge.recipe import recipe_from_dict
-
-    prepared = prepare(recipe_from_dict({"base": str(float32_family["base"]),
-                                         "sources": [str(float32_family["sources"][0])]}))
-
-    def out_of_memory(*args, **kwargs):
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-
-    monkeypatch.setattr(execute, "_merge_tensor", out_of_memory)
-    unit = prepared.plan.units[1]
-    with pytest.raises(ClusterError, match=f"unit {unit.name}: the GPU ran out of memory") as info:
-        execute.merge_unit(_job(prepared), unit)
-    assert "runtime.max_in_flight" in str(info.value) and "runtime.num_gpus" in str(info.value)
-
-
 def test_stop_process_tree_stops_only_the_tree():
     """The helper the tests stop clusters with signals a process and its descendants only."""
     import psutil
