@@ -12,12 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import file_digests, published, write_recipe
 from ray_clusters import HeadNode, free_ports, short_temp_dir, stop_process_tree
 
 from raymerge.cli import main
-from raymerge.errors import ClusterError
 from raymerge.output.progress_log import PROGRESS_NAME
 
 METHODS = {
