@@ -100,10 +100,11 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plan_text(prepared) -> str:
-    from raymerge.progress import format_plan, format_vocabulary
+    from raymerge.progress import format_plan, format_runtime, format_vocabulary
     from raymerge.resolved import resolved_parameters
 
     text = format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan))
+    text += "\n" + format_runtime(prepared.recipe.runtime)
     if prepared.vocabulary is not None:
         text += f"\nvocabulary: {format_vocabulary(prepared.vocabulary.summary())}"
     return text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from raymerge.dtypes import RECIPE_TO_CODE
@@ -124,25 +124,31 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     log behind: the same command resumes it, skipping finished units, to identical bytes. A
     merge that fails on bad input removes its staging directory."""
     from raymerge.distributed.cluster import ray_session
-    from raymerge.distributed.resources import check_task_fits_cluster
+    from raymerge.distributed.resources import (
+        check_task_fits_cluster,
+        node_resources,
+        resolve_runtime,
+    )
     from raymerge.distributed.writer import refuse_concurrent_writer
 
     recipe, plan = prepared.recipe, prepared.plan
     layout, key = layout_and_key(prepared)
-    job = _job(prepared)
     staging = Staging(prepared.target)
     with ray_session(address) as session:
-        check_task_fits_cluster(recipe.runtime)
+        runtime = resolve_runtime(recipe.runtime, node_resources(), plan.peak_bytes)
+        job = replace(_job(prepared), device=_device(recipe, runtime))
+        check_task_fits_cluster(runtime)
         refuse_concurrent_writer(staging.path)  # before touching another merge's directory
         hasher = SourceHasher([prepared.base, *prepared.sources])
         try:
             directory = staging.open(key)
             check_free_space(directory, layout)
             unit_stats, seconds, resumed = _merge_units(job, plan, layout, directory, key,
-                                                        recipe.runtime, show_progress)
+                                                        runtime, show_progress)
             summary = _summary(plan, unit_stats, seconds) | {
                 "resumed_units": resumed, "cluster": session.address,
-                "private_cluster": session.private}
+                "private_cluster": session.private, "device": job.device,
+                "num_gpus": runtime.num_gpus, "max_in_flight": runtime.max_in_flight}
             if prepared.vocabulary is not None:
                 summary["vocabulary"] = prepared.vocabulary.summary()
             hashes = hasher.result()
@@ -252,11 +258,19 @@ def _options(recipe: Recipe) -> MergeOptions:
     return MergeOptions(exclude=tuple(recipe.exclude), svd=recipe.runtime.svd)
 
 
-def _device(recipe: Recipe) -> str:
-    runtime = recipe.runtime
-    if runtime.device == "cuda" and runtime.num_gpus <= 0:
-        raise RecipeError("runtime.device is cuda but runtime.num_gpus is 0; set num_gpus: 1")
-    return "cuda" if runtime.device == "cuda" or runtime.num_gpus > 0 else "cpu"
+def _device(recipe: Recipe, runtime=None) -> str:
+    """The tasks' device: cuda where each task gets a GPU (or the recipe asks for it), else the
+    CPU. Before the cluster is known (`runtime` None), num_gpus may still be auto."""
+    runtime = runtime or recipe.runtime
+    if runtime.device == "cuda":
+        if runtime.num_gpus == 0:
+            raise RecipeError("runtime.device is cuda but the tasks get no GPU (num_gpus is 0, "
+                              "or auto on a cluster without GPUs); set num_gpus: 1 on a "
+                              "cluster with GPUs, or runtime.device: cpu")
+        return "cuda"
+    if runtime.device == "cpu" or runtime.num_gpus == "auto":
+        return "cpu"
+    return "cuda" if runtime.num_gpus > 0 else "cpu"
 
 
 def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:

@@ -46,7 +46,21 @@ def format_summary(summary: dict, output: str) -> str:
         f"{format_size(summary['peak_task_bytes_estimated'])} estimated",
         f"  Ray cluster          {summary['cluster']}"
         f"{' (private, started for this run)' if summary['private_cluster'] else ''}",
+        f"  tasks                on {summary['device']}, {summary['num_gpus']:g} GPU each, "
+        f"{summary['max_in_flight']} at a time",
     ])
+
+
+def format_runtime(runtime) -> str:
+    """What each task asks for and how many run at once, `auto` explained (it is resolved
+    against the cluster when the merge connects; the summary shows the values it took)."""
+    gpus = ("auto (1 per task where the cluster has GPUs, else 0)"
+            if runtime.num_gpus == "auto" else f"{runtime.num_gpus:g}")
+    in_flight = ("auto (the cluster's task slots: its GPUs or CPUs by what a task asks for, "
+                 "bounded by memory)" if runtime.max_in_flight == "auto"
+                 else str(runtime.max_in_flight))
+    return (f"tasks: num_cpus {runtime.num_cpus:g}, num_gpus {gpus}, device {runtime.device}, "
+            f"max_in_flight {in_flight}")
 
 
 def format_vocabulary(vocabulary: dict) -> str:

@@ -7,7 +7,7 @@ take is an error that names the method. This module imports no method code."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator, model_validator
@@ -105,9 +105,12 @@ class RuntimeSpec(StrictModel):
     svd: Literal["auto", "exact", "randomized"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_cpus: float = Field(1, gt=0)
-    num_gpus: float = Field(0, ge=0)
+    # auto: one GPU per task where the cluster has GPUs, none otherwise
+    num_gpus: Literal["auto"] | Annotated[float, Field(ge=0)] = "auto"
     memory: int | None = None
-    max_in_flight: int = Field(4, ge=1)
+    # auto: as many tasks as the cluster has slots for (its GPUs or CPUs, by what a task asks
+    # for), bounded by memory
+    max_in_flight: Literal["auto"] | Annotated[int, Field(ge=1)] = "auto"
     # a directory (shared by every node) caching per-source spectral factors across merges
     factor_cache: str | None = None
     # refuse a task no node can hold (false on a cluster whose autoscaler adds nodes on demand)

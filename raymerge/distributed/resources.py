@@ -79,7 +79,8 @@ def check_task_fits_cluster(runtime) -> None:
     """A merge task (runtime.num_cpus, num_gpus, memory) must fit on at least one node."""
     if not runtime.resource_check:
         return
-    task: Bundle = {"CPU": runtime.num_cpus, "GPU": runtime.num_gpus}
+    task: Bundle = {"CPU": runtime.num_cpus,
+                    "GPU": 0.0 if runtime.num_gpus == "auto" else runtime.num_gpus}
     if runtime.memory:
         task["memory"] = float(runtime.memory)
     check_placeable("a merge task", [task],
@@ -87,3 +88,25 @@ def check_task_fits_cluster(runtime) -> None:
                      "memory": "runtime.memory"},
                     "lower it, or add a node that has it (runtime.resource_check: false on an "
                     "autoscaling cluster)")
+
+
+def resolve_runtime(runtime, nodes: list[Bundle], task_bytes: int):
+    """The runtime with `auto` resolved against the cluster's nodes: num_gpus 1 where any node
+    has a GPU (else 0); max_in_flight the tasks the nodes can run at once, each node's count the
+    smallest of its CPUs, GPUs and memory over what one task asks for (its `memory`, else the
+    plan's estimate `task_bytes`), at least 1; plus one, for a result being written while every
+    slot merges (the runner counts both)."""
+    num_gpus = runtime.num_gpus
+    if num_gpus == "auto":
+        num_gpus = 1.0 if any(node.get("GPU", 0) >= 1 for node in nodes) else 0.0
+    max_in_flight = runtime.max_in_flight
+    if max_in_flight == "auto":
+        per_task = {"CPU": runtime.num_cpus, "GPU": num_gpus,
+                    "memory": float(runtime.memory or task_bytes)}
+        slots = 0
+        for node in nodes:
+            counts = [int(node.get(key, 0) / amount + 1e-9)
+                      for key, amount in per_task.items() if amount > 0]
+            slots += min(counts) if counts else 0
+        max_in_flight = max(1, slots) + 1
+    return runtime.model_copy(update={"num_gpus": num_gpus, "max_in_flight": max_in_flight})

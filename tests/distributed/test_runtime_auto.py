@@ -1,0 +1,79 @@
+"""num_gpus and max_in_flight `auto` (the defaults), resolved against the cluster's nodes: one GPU
+per task where there are GPUs, as many tasks at once as the nodes have slots for."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import manifest, write_recipe
+
+from raymerge.cli import main
+from raymerge.distributed.resources import resolve_runtime
+from raymerge.recipe import RuntimeSpec
+
+GiB = float(2**30)
+
+
+def test_auto_on_cpu_nodes_fills_their_cpus_bounded_by_memory():
+    nodes = [{"CPU": 2.0, "GPU": 0.0, "memory": 24 * GiB}, {"CPU": 8.0, "memory": 4 * GiB}]
+    runtime = resolve_runtime(RuntimeSpec(), nodes, task_bytes=int(1 * GiB))
+    assert (runtime.num_gpus, runtime.max_in_flight) == (0.0, 2 + 4 + 1)  # 4 GiB / 1 GiB; +1 written
+    runtime = resolve_runtime(RuntimeSpec(num_cpus=2), nodes, task_bytes=int(30 * GiB))
+    assert runtime.max_in_flight == 1 + 1  # no node holds one task's estimate: still one
+
+
+def test_auto_on_gpu_nodes_takes_one_gpu_per_task_and_fills_them():
+    nodes = [{"CPU": 32.0, "GPU": 8.0, "memory": 512 * GiB}] * 2
+    runtime = resolve_runtime(RuntimeSpec(), nodes, task_bytes=int(10 * GiB))
+    assert (runtime.num_gpus, runtime.max_in_flight) == (1.0, 16 + 1)
+    quarter = resolve_runtime(RuntimeSpec(num_gpus=0.25, memory="8GB"), nodes, task_bytes=1)
+    assert quarter.max_in_flight == 2 * 32 + 1  # 32 quarter-GPUs a node, and 32 CPUs
+    explicit = resolve_runtime(RuntimeSpec(num_gpus=0, max_in_flight=3), nodes, task_bytes=1)
+    assert (explicit.num_gpus, explicit.max_in_flight) == (0, 3)
+
+
+def test_a_merge_on_the_cpu_cluster_reports_what_auto_took(ray_cluster, float32_family,
+                                                             tmp_path, capsys):
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]), "sources": [str(float32_family["sources"][0])],
+        "output": {"path": str(tmp_path / "out")}})
+    assert main(["plan", str(recipe)]) == 0
+    assert "num_gpus auto (1 per task where the cluster has GPUs" in capsys.readouterr().out
+    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    assert "tasks                on cpu, 0 GPU each, 3 at a time" in capsys.readouterr().out
+    summary = manifest(tmp_path / "out")["summary"]
+    assert (summary["num_gpus"], summary["max_in_flight"], summary["device"]) == (0, 3, "cpu")
+
+
+# argv: recipe. One node that advertises a GPU (the tasks run on its CPU: device cpu).
+_GPU_NODE = r"""
+import json, sys
+import ray
+from ray.cluster_utils import Cluster
+from raymerge.merge import prepare, run_merge
+from raymerge.recipe import load_recipe
+
+cluster = Cluster(initialize_head=True, head_node_args={
+    "num_cpus": 2, "num_gpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False})
+try:
+    result = run_merge(prepare(load_recipe(sys.argv[1])), address=cluster.address,
+                       show_progress=False)
+    print(json.dumps(result.summary))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def test_a_node_with_a_gpu_gets_one_task_per_gpu(ray_cluster, float32_family, tmp_path):
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]),
+        "sources": [str(s) for s in float32_family["sources"][:2]],
+        "runtime": {"device": "cpu"}, "output": {"path": str(tmp_path / "out")}})
+    run = subprocess.run([sys.executable, "-c", _GPU_NODE, str(recipe)], capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert (summary["num_gpus"], summary["max_in_flight"], summary["device"]) == (1.0, 2, "cpu")
