@@ -19,7 +19,7 @@ GiB = float(2**30)
 def test_auto_on_cpu_nodes_fills_their_cpus_bounded_by_memory():
     nodes = [{"CPU": 2.0, "GPU": 0.0, "memory": 24 * GiB}, {"CPU": 8.0, "memory": 4 * GiB}]
     runtime = resolve_runtime(RuntimeSpec(), nodes, task_bytes=int(1 * GiB))
-    assert (runtime.num_gpus, runtime.max_in_flight) == (0.0, 2 + 4 + 1)  # 4 GiB / 1 GiB; +1 written
+    assert (runtime.num_gpus, runtime.max_in_flight) == (0.0, 2 + 4 + 1)  # 4 GiB / 1 GiB, +1
     runtime = resolve_runtime(RuntimeSpec(num_cpus=2), nodes, task_bytes=int(30 * GiB))
     assert runtime.max_in_flight == 1 + 1  # no node holds one task's estimate: still one
 
