@@ -12,6 +12,7 @@ from raymerge.errors import ClusterLostError, RaymergeError, RecipeError
 from raymerge.execute import MergeJob
 from raymerge.factor_cache import FactorCacheSpec
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
+from raymerge.layout import check_slices
 from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of
 from raymerge.methods.calibrated import SVC_PAPER
 from raymerge.output.card import model_card
@@ -76,6 +77,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     base = resolve_checkpoint(recipe.base, allow_pickle)
     sources = [resolve_checkpoint(source.path, allow_pickle) for source in recipe.sources]
     validate_sources(base, sources, vocabularies_may_differ=recipe.tokenizer is not None)
+    check_slices(recipe, {recipe.base: base, **{spec.path: checkpoint for spec, checkpoint
+                                                 in zip(recipe.sources, sources)}})
     spec = recipe.tokenizer
     vocabulary = output_vocabulary(base, sources, spec.source if spec else None,
                                    spec.pad_to_multiple_of if spec else None)
@@ -144,6 +147,8 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
                 "private_cluster": session.private}
             if prepared.vocabulary is not None:
                 summary["vocabulary"] = prepared.vocabulary.summary()
+            if recipe.no_effect:
+                summary["no_effect"] = dict(recipe.no_effect)
             hashes = hasher.result()
             summary["submission_id"] = submission_id(recipe, identities_of(prepared))
             with disk_errors(directory, "writing metadata"):

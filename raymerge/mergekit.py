@@ -36,9 +36,11 @@ class MergekitMethod:
     settings: dict[str, Any] = field(default_factory=dict)  # raymerge settings always written
     defaults: dict[str, Any] = field(default_factory=dict)  # mergekit's defaults raymerge lacks
     sources: tuple[int, int | None] = (1, None)  # how many non-base models mergekit takes
+    # mergekit parameters that change nothing in its result: accepted, reported (NO_EFFECT)
+    no_effect: tuple[str, ...] = ()
 
 
-_GTA = dict(weight_required=True)
+_GTA = dict(weight_required=True, no_effect=("int8_mask",))
 MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "task_arithmetic": MergekitMethod("task_arithmetic", ("normalize", "lambda"), **_GTA),
     "ties": MergekitMethod("ties", ("normalize", "rescale", "lambda"), ("density",),
@@ -57,7 +59,7 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
                             **_GTA),
     "della_linear": MergekitMethod("della_linear", ("normalize", "rescale", "lambda"),
                                    ("density", "epsilon"), **_GTA),
-    "sce": MergekitMethod("sce", ("select_topk",), weights=False),
+    "sce": MergekitMethod("sce", ("select_topk",), weights=False, no_effect=("int8_mask",)),
     "linear": MergekitMethod("task_arithmetic", ("normalize",), base="symmetric",
                              weight_required=True),
     "slerp": MergekitMethod("slerp", ("t",), weights=False, sources=(1, 1)),
@@ -75,15 +77,19 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "ramplus_tl": MergekitMethod("ramplus_tl", ("r", "alpha", "epsilon"), weights=False),
 }
 REFUSED_METHODS = {
-    "passthrough": "merge_method passthrough copies one model's tensors (layer stacking, "
-                   "frankenmerges): a layout job, not a merge; raymerge merges whole models of "
-                   "one architecture tensor by tensor, use mergekit for it",
+    "passthrough": "merge_method passthrough stacks layer ranges into a new layout (a "
+                   "frankenmerge): a layout job, not a merge; raymerge merges whole models of one "
+                   "architecture tensor by tensor, use mergekit for it",
 }
-# mergekit parameters that change nothing in mergekit's result: said so, in one line
+# mergekit parameters that change nothing in mergekit's result: accepted, and reported by
+# `raymerge plan` and the merge summary as having no effect, with the reason
 NO_EFFECT = {
-    "int8_mask": "int8_mask only picks the dtype of mergekit's 0/1 masks (no effect on its result; "
-                 "raymerge's masks are 1-byte already): remove it",
+    "int8_mask": "it only picks the dtype of mergekit's 0/1 sign and keep masks (int8 or the "
+                 "deltas' dtype); a 0/1 factor is exact in either, so mergekit's result is the "
+                 "same bytes with or without it",
 }
+BASE_PARAMETERS = ("mergekit resolves no per-model parameter for base_model in {method}: the base "
+                   "is not one of the merged task vectors")
 
 
 def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
@@ -92,12 +98,11 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
     if unknown:
         raise RecipeError(f"{origin}: {unknown[0]!r} is not a key of a mergekit 0.1.5 "
                           f"configuration (they are: {', '.join(sorted(TOP_LEVEL))}); fix it")
-    for layout_key in ("slices", "modules"):
-        if data.get(layout_key) is not None:
-            raise RecipeError(
-                f"{origin}: {layout_key} (layer ranges or modules taken from each model) change "
-                "the model's layout; raymerge merges whole models tensor by tensor: use models: "
-                "(or mergekit for layer stacking)")
+    if data.get("modules") is not None:
+        raise RecipeError(
+            f"{origin}: modules (a separate models: or slices: per module of a multimodal "
+            "model) are not supported; raymerge merges every module of the models alike: use "
+            "models: (or mergekit for per-module recipes)")
     name = data.get("merge_method")
     if isinstance(name, str) and name in REFUSED_METHODS:
         raise RecipeError(f"{origin}: {REFUSED_METHODS[name]}")
@@ -105,6 +110,14 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
         raise RecipeError(f"{origin}: merge_method {name!r} is not a mergekit 0.1.5 method "
                           f"raymerge knows; use one of {', '.join(sorted(MERGEKIT_METHODS))}")
     spec = MERGEKIT_METHODS[name]
+    notes: dict[str, str] = {}
+    recipe_slices = None
+    if data.get("slices") is not None:
+        from raymerge.mergekit_slices import models_form
+
+        data, recipe_slices = models_form(data, origin, notes)
+        data = _slice_base(origin, data, spec, name)
+    data = _take_no_effect(origin, data, spec, notes)
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise RecipeError(f"{origin}: models: give at least one model")
@@ -114,7 +127,7 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
     top = _parameters(origin, "parameters", data.get("parameters"), spec, shared=True)
     if "weight" in top:  # checked here too: a weight every model sets itself is not used below
         _check_weight(origin, "parameters.weight", top["weight"])
-    base, sources, base_weight = _roles(origin, name, spec, base, entries)
+    base, sources, base_weight = _roles(origin, name, spec, base, entries, notes)
     method = {"name": spec.method, **spec.settings, **_method_values(spec, top, name)}
     if base_weight is not None:
         method["base_weight"] = base_weight
@@ -125,11 +138,64 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
         recipe["sources"] = _linear_weights(origin, entries, recipe["sources"], top)
     recipe |= _dtypes(origin, data)
     recipe |= _vocabulary(origin, data)
+    if recipe_slices is not None:
+        recipe["slices"] = recipe_slices
+    if notes:
+        recipe["no_effect"] = notes
     return recipe
 
 
+def _slice_base(origin: Path, data: dict, spec: MergekitMethod, name: str) -> dict:
+    """A slice's models are its inputs as they are: for a method with a base (every one but
+    linear and karcher), base_model must be one of them (mergekit: "Base input is not present
+    in merge inputs"); linear and karcher take no base, and mergekit adds none to a slice."""
+    paths = [_model_path(origin, f"slices.0.sources.{index}.model", entry["model"], True)
+             for index, entry in enumerate(data["models"])]
+    base = data.get("base_model")
+    if base is None:
+        return data
+    base = _model_path(origin, "base_model", base, allow_lora=False)
+    if base in paths:
+        return data
+    if spec.base == "symmetric":
+        return {key: value for key, value in data.items() if key != "base_model"}
+    raise RecipeError(f"{origin}: slices.0.sources: base_model {base} is not among the slice's "
+                      f"models, and {name} merges onto it (mergekit refuses this too); add it "
+                      "to the slice's sources with the same layer_range")
+
+
+def _take_no_effect(origin: Path, data: dict, spec: MergekitMethod, notes: dict[str, str]
+                    ) -> dict:
+    """`data` without the parameters that have no effect in mergekit (int8_mask, ...), each
+    recorded in `notes` (where -> its value and why it has none); a value mergekit would not
+    take either is an error."""
+    data = dict(data)
+
+    def taken(where: str, params: Any) -> Any:
+        if not isinstance(params, dict):
+            return params  # refused later, with the mapping's message
+        kept = dict(params)
+        for key in spec.no_effect:
+            if key in kept:
+                value = kept.pop(key)
+                if not isinstance(value, bool):
+                    raise RecipeError(f"{origin}: {where}.{key}: expected true or false, got "
+                                      f"{value!r}")
+                notes[f"{where}.{key}"] = f"{str(value).lower()}: {NO_EFFECT[key]}"
+        return kept
+
+    if data.get("parameters") is not None:
+        data["parameters"] = taken("parameters", data["parameters"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**entry, "parameters": taken(f"models.{index}.parameters", entry["parameters"])}
+            if isinstance(entry, dict) and entry.get("parameters") is not None else entry
+            for index, entry in enumerate(data["models"])]
+    return data
+
+
 def _roles(origin: Path, name: str, spec: MergekitMethod, base: str | None,
-           entries: list[tuple[int, str, dict]]):
+           entries: list[tuple[int, str, dict]], notes: dict[str, str]):
     """(base, [(model index, (source path, its parameters))], base_weight), with mergekit's
     roles: a base-aware method's base_model is not one of its merged models (a listed one is
     dropped); for linear and karcher every model is a point of the merge, base_model among them
@@ -161,10 +227,10 @@ def _roles(origin: Path, name: str, spec: MergekitMethod, base: str | None,
     sources = []
     for index, path, params in entries:
         if path == base and spec.base != "symmetric":
-            if params:
-                raise RecipeError(
-                    f"{origin}: models.{index}.parameters: the parameters of base_model have no "
-                    f"effect in {name} (mergekit does not use them either); remove them")
+            _parameters(origin, f"models.{index}.parameters", params, spec, shared=False)
+            for key, value in params.items():  # checked, then reported: mergekit reads none
+                notes[f"models.{index}.parameters.{key}"] = \
+                    f"{value!r}: {BASE_PARAMETERS.format(method=name)}"
             continue
         sources.append((index, (path, params)))
     low, high = spec.sources
@@ -241,8 +307,6 @@ def _parameters(origin: Path, where: str, value: Any, spec: MergekitMethod,
     params = _mapping(origin, where, value)
     allowed = set(spec.shared) | set(spec.per_model) | ({"weight"} if spec.weights else set())
     for key in params:
-        if key in NO_EFFECT:
-            raise RecipeError(f"{origin}: {where}.{key}: {NO_EFFECT[key]}")
         if key not in allowed:
             takes = ", ".join(sorted(allowed)) or "no parameters"
             raise RecipeError(f"{origin}: {where}.{key}: not a parameter of mergekit's "
@@ -396,9 +460,13 @@ def _vocabulary(origin: Path, data: dict) -> dict:
         if not isinstance(template, str):
             raise RecipeError(f"{origin}: chat_template: expected a string, got {template!r}")
         if "{" not in template and template != "auto":
-            raise RecipeError(
-                f"{origin}: chat_template {template!r} names one of mergekit's bundled templates; "
-                "raymerge does not ship them: give the Jinja text, a model's path (its template) "
-                "or auto")
+            from raymerge.chat_templates import NAMES, named_template
+
+            text = named_template(template)
+            if text is None:  # mergekit: "Invalid chat template"
+                raise RecipeError(
+                    f"{origin}: chat_template {template!r} is none of mergekit's bundled "
+                    f"templates ({', '.join(NAMES)}), auto, or a Jinja template; fix it")
+            template = text
         result["chat_template"] = template
     return result

@@ -127,6 +127,19 @@ class TokenizerSpec(StrictModel):
     pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
+class SliceSource(StrictModel):
+    path: str  # the base or a source, as written in the recipe
+    layer_range: tuple[int, int]  # [start, end): the blocks this slice takes from it
+
+
+class SliceSpec(StrictModel):
+    """Output blocks taken from the same layer range of each listed checkpoint (mergekit's
+    `slices`). Only the identity layout is merged for now: one slice whose checkpoints all
+    take every layer, which is the whole-model merge."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+
+
 class Recipe(StrictModel):
     base: str
     sources: list[SourceSpec] = Field(min_length=1)
@@ -141,6 +154,12 @@ class Recipe(StrictModel):
     # the output's chat template: "base", "auto" (the most common one), a source's path as
     # written, or a Jinja template
     chat_template: str | None = None
+    # the output's blocks as layer ranges of the checkpoints (mergekit's slices); absent: the
+    # base's blocks, each merged
+    slices: list[SliceSpec] | None = None
+    # options written in a mergekit recipe that change nothing in its result: where -> the
+    # value and why (accepted, and reported by `raymerge plan` and the merge summary)
+    no_effect: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("sources", mode="before")
     @classmethod

@@ -1,0 +1,181 @@
+"""mergekit recipes in the shapes people publish them: LazyMergekit's full-range `slices:` slerp,
+`int8_mask` and other options with no effect (accepted and reported), the base listed among
+the models (with or without parameters), named chat templates, and the slice layouts raymerge
+refuses (one line each)."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import load_tensors, write_recipe
+from reference_mergekit_geometric import reference_geometric
+
+from raymerge.chat_templates import NAMES, named_template
+from raymerge.cli import main
+from raymerge.errors import RecipeError
+from raymerge.merge import prepare
+from raymerge.mergekit import MERGEKIT_METHODS, recipe_from_mergekit
+from raymerge.recipe import load_recipe, recipe_from_dict
+from raymerge.roles import layer_positions
+from raymerge.settings import evaluate
+
+LAYERS = 3  # tests/conftest.py's TINY_LLAMA
+GRADIENT_T = [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+              {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]
+
+
+def _mapped(config: dict):
+    return recipe_from_dict(recipe_from_mergekit(config, "mk.yaml"), "mk.yaml")
+
+
+def _lazy_slerp(base: str, other: str, end: int = LAYERS, **extra) -> dict:
+    """LazyMergekit's slerp, as published on model cards."""
+    return {"slices": [{"sources": [{"model": base, "layer_range": [0, end]},
+                                    {"model": other, "layer_range": [0, end]}]}],
+            "merge_method": "slerp", "base_model": base, "parameters": {"t": GRADIENT_T},
+            "dtype": "float32", **extra}
+
+
+def test_a_full_range_slerp_slice_merges_as_the_whole_model_with_gradients(
+        ray_cluster, float32_family, tmp_path, capsys):
+    base, other = str(float32_family["base"]), str(float32_family["sources"][0])
+    config = _lazy_slerp(base, other)
+    config["slices"][0]["residual_weight"] = 0.5  # defined by mergekit 0.1.5, read nowhere
+    path = write_recipe(tmp_path / "lazy.yaml", config)
+    out = tmp_path / "merged"
+    assert main(["merge", str(path), "--out", str(out), "--no-progress"]) == 0
+    assert "accepted, no effect in raymerge: slices.0.residual_weight = 0.5: mergekit 0.1.5 " \
+        "defines it" in capsys.readouterr().out
+    base_tensors = load_tensors(float32_family["base"])
+    source = load_tensors(float32_family["sources"][0])
+    merged = load_tensors(out)
+    positions = layer_positions(base_tensors)
+    recipe = load_recipe(path)
+    for name, base_tensor in base_tensors.items():  # t per mergekit: slice layer i at i/(n−1)
+        t = evaluate(recipe.method.t, name, positions[name])
+        expected = reference_geometric("slerp", base_tensor, [source[name]], [1.0], {"t": t})
+        error = float((merged[name].double() - expected).norm())
+        assert error <= 2e-5 * float((expected - base_tensor.double()).norm()) + \
+            2.0**-23 * float(expected.norm()) + 1e-12, name
+    # the same recipe in models: form maps to the same raymerge recipe, the slice's range aside
+    models_form = _lazy_slerp(base, other)
+    models_form["models"] = [{"model": base}, {"model": other}]
+    del models_form["slices"]
+    assert recipe.model_dump(exclude={"slices", "no_effect"}) == \
+        _mapped(models_form).model_dump(exclude={"slices", "no_effect"})
+
+
+def test_slice_parameters_resolve_over_the_top_level_as_mergekit_does():
+    config = _lazy_slerp("b", "m")
+    config["slices"][0]["parameters"] = {"t": [{"filter": "mlp", "value": 0.9}]}
+    t = _mapped(config).method.t  # the slice's filter first, then the top level's list
+    assert evaluate(t, "model.layers.0.mlp.up_proj.weight", 0.0) == 0.9
+    assert evaluate(t, "model.layers.0.self_attn.q_proj.weight", 0.5) == 0.3
+    assert evaluate(t, "model.norm.weight", 0.0) == 0.5
+    per_model = _lazy_slerp("b", "m")
+    per_model["merge_method"] = "ties"
+    per_model["parameters"] = {"normalize": True}
+    per_model["slices"][0]["sources"][1]["parameters"] = {"weight": 0.7, "density": 0.4}
+    (source,) = _mapped(per_model).sources
+    assert (source.path, source.weight, source.parameters) == ("m", 0.7, {"density": 0.4})
+
+
+def test_a_slice_range_that_is_not_every_layer_or_out_of_bounds_fails_before_work(
+        float32_family, tmp_path):
+    base, other = str(float32_family["base"]), str(float32_family["sources"][0])
+    for end, message in [(LAYERS - 1, "takes part of the layers, which changes the model's "
+                                      "layout"),
+                         (LAYERS + 1, r"\[0, 4\] is outside the 3 layers")]:
+        recipe = load_recipe(write_recipe(tmp_path / "mk.yaml", _lazy_slerp(base, other, end)))
+        with pytest.raises(RecipeError, match=message) as caught:
+            prepare(recipe, out=tmp_path / "out")
+        assert "\n" not in str(caught.value)
+    whole = load_recipe(write_recipe(tmp_path / "mk.yaml", _lazy_slerp(base, other)))
+    assert len(prepare(whole, out=tmp_path / "out").plan.units) > LAYERS
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]},
+                 {"sources": [{"model": "b", "layer_range": [1, 3]}]}],
+      "merge_method": "slerp", "base_model": "a"}, "2 slices stack layer ranges"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
+                              {"model": "b", "layer_range": [0, 3]}]}],
+      "merge_method": "slerp", "base_model": "a"}, "every model of a slice gives the same"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
+                              {"model": "b", "layer_range": [1, 3]}]}],
+      "merge_method": "slerp", "base_model": "a"}, "pair different layers"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}],
+      "merge_method": "slerp", "base_model": "a"}, "0 <= start < end"),
+    ({"slices": [{"sources": [{"model": "m", "layer_range": [0, 2],
+                               "parameters": {"weight": 1}}]}],
+      "merge_method": "ties", "base_model": "b"}, "base_model b is not among the slice's"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2], "range": 1}]}],
+      "merge_method": "slerp"}, "range: not a key of a mergekit slice source"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}],
+      "models": [{"model": "a"}], "merge_method": "slerp"}, "models or slices, not both"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}],
+      "merge_method": "passthrough"}, "passthrough stacks layer ranges"),
+    ({"modules": {"text": {}}, "merge_method": "slerp"}, "modules"),
+])
+def test_slice_layouts_raymerge_does_not_merge_are_one_line_errors(config, message):
+    with pytest.raises(RecipeError, match=message) as caught:
+        _mapped(config)
+    assert "\n" not in str(caught.value)
+
+
+def _ties(**parameters) -> dict:
+    return {"merge_method": "ties", "base_model": "b", "parameters": parameters,
+            "models": [{"model": "b"}, {"model": "m", "parameters": {"weight": 1.0,
+                                                                   "density": 0.5}}]}
+
+
+def test_int8_mask_and_residual_weight_are_accepted_and_reported(float32_family, tmp_path,
+                                                                 capsys):
+    with_mask, without = _mapped(_ties(int8_mask=True, normalize=True)), _mapped(
+        _ties(normalize=True))
+    assert with_mask.model_dump(exclude={"no_effect"}) == without.model_dump(exclude={"no_effect"})
+    assert with_mask.no_effect["parameters.int8_mask"].startswith("true: it only picks")
+    sliced = _lazy_slerp("b", "m")
+    sliced["slices"][0]["residual_weight"] = 0.3
+    assert "reads it nowhere" in _mapped(sliced).no_effect["slices.0.residual_weight"]
+    for method in ("slerp", "karcher"):  # methods without the parameter: still an error
+        config = {**_ties(int8_mask=True), "merge_method": method}
+        with pytest.raises(RecipeError, match=f"int8_mask: not a parameter of mergekit's {method}"):
+            _mapped(config)
+    base, source = str(float32_family["base"]), str(float32_family["sources"][0])
+    config = {**_ties(int8_mask=True), "base_model": base}
+    config["models"] = [{"model": base}, {"model": source, "parameters": {"weight": 1.0}}]
+    path = write_recipe(tmp_path / "mk.yaml", config)
+    assert main(["plan", str(path)]) == 0
+    assert "accepted, no effect in raymerge: parameters.int8_mask = true: it only picks" in \
+        capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", sorted(name for name, spec in MERGEKIT_METHODS.items()
+                                          if spec.base != "symmetric"))
+def test_the_base_among_the_models_is_not_merged_and_its_parameters_are_reported(method):
+    """mergekit 0.1.5 merges only the non-base inputs of every method that has a base (the base
+    is not counted in normalisation nor in model_stock's N) and resolves no per-model parameter
+    for the base: listing it, with or without parameters, changes nothing."""
+    spec = MERGEKIT_METHODS[method]
+    count = max(spec.sources[0], 2 if method in ("model_stock", "nuslerp") else 1)
+    count = min(count, spec.sources[1] or count)
+    shared = {"slerp": {"t": 0.5}, "nearswap": {"t": 0.5}}.get(method, {})
+    weight = {"weight": 1.0} if spec.weights else {}
+    models = [{"model": f"m{i}", "parameters": dict(weight)} for i in range(count)]
+    config = {"merge_method": method, "base_model": "b", "models": models, "parameters": shared}
+    alone = _mapped(config)
+    for base_parameters in ({}, {"weight": 0.4} if spec.weights else {}):
+        listed = {**config, "models": [{"model": "b", "parameters": base_parameters}, *models]}
+        recipe = _mapped(listed)
+        assert recipe.model_dump(exclude={"no_effect"}) == alone.model_dump(exclude={"no_effect"})
+        assert sorted(recipe.no_effect) == [f"models.0.parameters.{key}"
+                                            for key in base_parameters]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_named_chat_template_is_mergekits_text(name):
+    config = {**_ties(), "chat_template": name}
+    text = _mapped(config).chat_template
+    assert text == named_template(name) and "{%" in text
+    assert {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>",
+            "mistral": "[INST]"}.get(name, "") in text
