@@ -20,7 +20,7 @@ from raymerge.methods import MergeOptions, Method, build_method
 from raymerge.plan import TensorTask, WorkUnit, check_fits
 from raymerge.reading import TensorReader, numpy_slices, read_numpy
 from raymerge.settings import MethodSettings, settings_for_tensor
-from raymerge.sources.checkpoint import Checkpoint
+from raymerge.sources.checkpoint import Checkpoint, read_tensor
 from raymerge.sources.lora import LoraAdapter
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 from raymerge.vocabulary import Reindexing
@@ -51,6 +51,7 @@ class MergeJob:
     memory: int | None = None  # bytes the task asked Ray for; a unit that cannot fit is refused
     source_parameters: list[dict[str, Any]] | None = None  # each source's own method keys
     reindexing: Reindexing | None = None  # vocabulary-indexed tensors onto the output vocabulary
+    copy: bool = False  # a slice of one checkpoint (mergekit's passthrough): its tensors copied
 
     def reindexes(self, name: str) -> bool:
         return self.reindexing is not None and name in self.reindexing.axes
@@ -81,6 +82,12 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         for tensor in unit.tensors:
             if tensor.copied:
                 outputs[tensor.name] = _copy_integer_tensor(job, tensor.name)
+                tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
+                continue
+            if job.copy:  # the checkpoint's own tensor, in the output dtype
+                outputs[tensor.name] = to_numpy_bits(
+                    read_tensor(job.base.tensors[tensor.name]).to(
+                        TORCH_DTYPES[tensor.output_dtype]))
                 tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
                 continue
             # A re-indexed tensor's deltas depend on the output vocabulary (and its synthesized

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from raymerge.dtypes import RECIPE_TO_CODE
@@ -12,7 +13,7 @@ from raymerge.errors import ClusterLostError, RaymergeError, RecipeError
 from raymerge.execute import MergeJob
 from raymerge.factor_cache import FactorCacheSpec
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
-from raymerge.layout import check_slices
+from raymerge.layout import SliceJob, block_stacks, relayered_config, slice_jobs
 from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of
 from raymerge.methods.calibrated import SVC_PAPER
 from raymerge.output.card import model_card
@@ -34,9 +35,10 @@ from raymerge.output.staging import (
 )
 from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
 from raymerge.output.tokenizer import extended_tokenizer_json, write_tokenizer
-from raymerge.plan import Plan, check_fits, make_plan
+from raymerge.plan import Plan, check_fits, combine_plans, make_plan
 from raymerge.progress import MergeProgress
 from raymerge.recipe import Recipe
+from raymerge.settings import MethodSettings
 from raymerge.sources import Checkpoint, resolve_checkpoint, validate_sources
 from raymerge.sources.tokenizer_files import ChatTemplate
 from raymerge.sources.vocabularies import (
@@ -62,6 +64,7 @@ class Prepared:
     tokenizer_directory: Path | None = None  # whose tokenizer files the output takes
     tokenizer_json: str | None = None  # the base's tokenizer.json with the union's new tokens
     chat_template: ChatTemplate | None = None
+    slices: list[SliceJob] | None = None  # the layout's slices, when the recipe changes it
 
 
 @dataclass
@@ -77,8 +80,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     base = resolve_checkpoint(recipe.base, allow_pickle)
     sources = [resolve_checkpoint(source.path, allow_pickle) for source in recipe.sources]
     validate_sources(base, sources, vocabularies_may_differ=recipe.tokenizer is not None)
-    check_slices(recipe, {recipe.base: base, **{spec.path: checkpoint for spec, checkpoint
-                                                 in zip(recipe.sources, sources)}})
+    slices = slice_jobs(recipe, {recipe.base: base, **{
+        spec.path: checkpoint for spec, checkpoint in zip(recipe.sources, sources)}})
     spec = recipe.tokenizer
     vocabulary = output_vocabulary(base, sources, spec.source if spec else None,
                                    spec.pad_to_multiple_of if spec else None)
@@ -90,32 +93,39 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     check_output_path(target, [base.directory, *(source.directory for source in sources)])
     _device(recipe)  # refuse a device the resources cannot give, before planning
     passes, state_tensors = footprint(recipe.method.name, recipe.svc_alpha() is not None)
-    plan = make_plan(
-        base,
-        sources,
+    planned = partial(
+        make_plan,
         output_dtype=RECIPE_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None,
         compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
         passes=passes,
         state_tensors=state_tensors,
-        reindexing=vocabulary.reindexing if vocabulary else None,
     )
-    _check_method(recipe, plan, len(sources))
+    if slices is None:
+        plan = planned(base, sources, reindexing=vocabulary.reindexing if vocabulary else None)
+        _check_method(recipe.method, plan.tensors, len(sources), _options(recipe))
+    else:  # each slice planned on its views, merged slices checked with their settings
+        plans = [planned(job.base, job.sources) for job in slices]
+        for job, slice_plan in zip(slices, plans):
+            if not job.copied:
+                _check_method(job.method, slice_plan.tensors, len(job.sources), _options(recipe))
+        plan = combine_plans(plans)
     for unit in plan.units:  # refuse a task memory the largest unit cannot fit in
         check_fits(unit, recipe.runtime.memory)
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan,
                     vocabulary=vocabulary, tokenizer_directory=tokenizer_directory,
-                    tokenizer_json=tokenizer_json, chat_template=chat_template)
+                    tokenizer_json=tokenizer_json, chat_template=chat_template, slices=slices)
 
 
-def _check_method(recipe: Recipe, plan: Plan, num_sources: int) -> None:
+def _check_method(settings: MethodSettings, tensors, num_sources: int,
+                  options: MergeOptions) -> None:
     """The method's own refusals (K or N too large for a matrix's rank, ...), per tensor with
     the settings resolved for it: before any tensor is read."""
-    method, options = METHODS[recipe.method.name], _options(recipe)
-    for tensor in plan.tensors:
+    method = METHODS[settings.name]
+    for tensor in tensors:
         if tensor.copied:  # integer tensors are copied, never merged
             continue
-        settings = recipe.method.at(tensor.name, tensor.layer_position)
-        method.check(settings, {tensor.name: tensor.shape}, num_sources, options)
+        method.check(settings.at(tensor.name, tensor.layer_position),
+                     {tensor.name: tensor.shape}, num_sources, options)
 
 
 def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
@@ -131,7 +141,7 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
 
     recipe, plan = prepared.recipe, prepared.plan
     layout, key = layout_and_key(prepared)
-    job = _job(prepared)
+    job = _jobs(prepared)
     staging = Staging(prepared.target)
     with ray_session(address) as session:
         check_task_fits_cluster(recipe.runtime)
@@ -170,6 +180,17 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
                                             commit_message(prepared, summary),
                                             private=recipe.output.private)
     return MergeResult(output=prepared.target, plan=plan, summary=summary)
+
+
+def _jobs(prepared: Prepared) -> MergeJob | list[MergeJob]:
+    """The merge's job, or with slices one per slice (units name theirs by index)."""
+    job = _job(prepared)
+    if prepared.slices is None:
+        return job
+    # a view's tensor names are the output's: never from, nor into, the per-source cache
+    return [replace(job, base=s.base, sources=s.sources, weights=s.weights,
+                    source_parameters=s.parameters, method=s.method, copy=s.copied,
+                    factor_cache=None) for s in prepared.slices]
 
 
 def _job(prepared: Prepared) -> MergeJob:
@@ -220,8 +241,8 @@ def _factor_cache(prepared: Prepared) -> FactorCacheSpec | None:
     )
 
 
-def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, key: str, runtime,
-                 show_progress: bool) -> tuple[list[dict], float, int]:
+def _merge_units(job: MergeJob | list[MergeJob], plan: Plan, layout, directory: Path, key: str,
+                 runtime, show_progress: bool) -> tuple[list[dict], float, int]:
     """Every unfinished unit through the Ray tasks into the writer actor; (unit statistics,
     seconds, units resumed from the progress log)."""
     import ray
@@ -287,6 +308,11 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     token_ids = vocabulary.moved_ids.get if reindexed and vocabulary.moved_ids else None
     write_config(base.directory, directory, {t.output_dtype for t in prepared.plan.tensors},
                  vocabulary_rows=vocabulary.rows if reindexed else None, token_ids=token_ids)
+    if prepared.slices is not None and (directory / "config.json").exists():
+        (layer_count,) = map(len, block_stacks(base).values())
+        config = relayered_config(json.loads((directory / "config.json").read_text()),
+                                  layer_count, [n for s in prepared.slices for n in s.layers])
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer_files = write_tokenizer(directory, prepared.tokenizer_directory or base.directory,
                                       vocabulary, prepared.tokenizer_json, prepared.chat_template)
     copied = copy_checkpoint_files(base.directory, directory)

@@ -76,11 +76,7 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "ram": MergekitMethod("ram", ("epsilon",), weights=False),
     "ramplus_tl": MergekitMethod("ramplus_tl", ("r", "alpha", "epsilon"), weights=False),
 }
-REFUSED_METHODS = {
-    "passthrough": "merge_method passthrough stacks layer ranges into a new layout (a "
-                   "frankenmerge): a layout job, not a merge; raymerge merges whole models of one "
-                   "architecture tensor by tensor, use mergekit for it",
-}
+REFUSED_METHODS: dict[str, str] = {}
 # mergekit parameters that change nothing in mergekit's result: accepted, and reported by
 # `raymerge plan` and the merge summary as having no effect, with the reason
 NO_EFFECT = {
@@ -104,6 +100,10 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
             "model) are not supported; raymerge merges every module of the models alike: use "
             "models: (or mergekit for per-module recipes)")
     name = data.get("merge_method")
+    if data.get("slices") is not None or name == "passthrough":
+        from raymerge.mergekit_slices import sliced_recipe
+
+        return sliced_recipe(data, origin)
     if isinstance(name, str) and name in REFUSED_METHODS:
         raise RecipeError(f"{origin}: {REFUSED_METHODS[name]}")
     if not isinstance(name, str) or name not in MERGEKIT_METHODS:
@@ -111,12 +111,6 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
                           f"raymerge knows; use one of {', '.join(sorted(MERGEKIT_METHODS))}")
     spec = MERGEKIT_METHODS[name]
     notes: dict[str, str] = {}
-    recipe_slices = None
-    if data.get("slices") is not None:
-        from raymerge.mergekit_slices import models_form
-
-        data, recipe_slices = models_form(data, origin, notes)
-        data = _slice_base(origin, data, spec, name)
     data = _take_no_effect(origin, data, spec, notes)
     models = data.get("models")
     if not isinstance(models, list) or not models:
@@ -138,30 +132,9 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
         recipe["sources"] = _linear_weights(origin, entries, recipe["sources"], top)
     recipe |= _dtypes(origin, data)
     recipe |= _vocabulary(origin, data)
-    if recipe_slices is not None:
-        recipe["slices"] = recipe_slices
     if notes:
         recipe["no_effect"] = notes
     return recipe
-
-
-def _slice_base(origin: Path, data: dict, spec: MergekitMethod, name: str) -> dict:
-    """A slice's models are its inputs as they are: for a method with a base (every one but
-    linear and karcher), base_model must be one of them (mergekit: "Base input is not present
-    in merge inputs"); linear and karcher take no base, and mergekit adds none to a slice."""
-    paths = [_model_path(origin, f"slices.0.sources.{index}.model", entry["model"], True)
-             for index, entry in enumerate(data["models"])]
-    base = data.get("base_model")
-    if base is None:
-        return data
-    base = _model_path(origin, "base_model", base, allow_lora=False)
-    if base in paths:
-        return data
-    if spec.base == "symmetric":
-        return {key: value for key, value in data.items() if key != "base_model"}
-    raise RecipeError(f"{origin}: slices.0.sources: base_model {base} is not among the slice's "
-                      f"models, and {name} merges onto it (mergekit refuses this too); add it "
-                      "to the slice's sources with the same layer_range")
 
 
 def _take_no_effect(origin: Path, data: dict, spec: MergekitMethod, notes: dict[str, str]

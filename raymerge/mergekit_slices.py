@@ -9,9 +9,11 @@ slice overrides the top level's. Embeddings come from the first slice's models, 
 and head from the last slice's.
 
 Here a configuration of one slice whose models all take the same range becomes the models-form
-configuration it equals (LazyMergekit's slerp and most published `slices:` recipes); the range
-is kept in the recipe's `slices` and checked against the models' layer count before any work
-(a range that is not every layer changes the layout)."""
+configuration it equals (LazyMergekit's slerp and most published `slices:` recipes), with the
+range kept in the recipe's `slices` (raymerge.layout checks it against the layers, and merges
+the whole model when it is every layer). Any other layout (frankenmerges, depth up-scaling,
+merged slices with their own parameters) becomes raymerge slices, each mapped as the
+models-form configuration of its own models."""
 
 from __future__ import annotations
 
@@ -19,6 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from raymerge.errors import RecipeError
+from raymerge.mergekit import (
+    MERGEKIT_METHODS,
+    _dtypes,
+    _model_path,
+    _vocabulary,
+    recipe_from_mergekit,
+)
 
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
 SLICE_SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -28,40 +37,142 @@ SLICE_NO_EFFECT = {
 }
 
 
-def models_form(data: dict[str, Any], origin: Path, notes: dict[str, str]
-                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """(the models-form configuration `slices:` equals, the raymerge recipe's `slices`)."""
+def sliced_recipe(data: dict[str, Any], origin: Path) -> dict[str, Any]:
+    """A configuration with `slices:` (raymerge.mergekit_slices): passthrough's copied ranges,
+    the models-form merge one slice equals, or one merged slice after another."""
+    name = data.get("merge_method")
+    if data.get("slices") is None:
+        raise RecipeError(f"{origin}: passthrough copies the layer ranges listed under slices:; "
+                          "give slices (raymerge does not copy a whole model)")
+    notes: dict[str, str] = {}
+    checked = checked_slices(data, origin, notes)
+    if name == "passthrough":
+        recipe = passthrough_recipe(data, origin, checked)
+        recipe |= _dtypes(origin, data) | _vocabulary(origin, data)
+    elif is_models_form(checked):
+        config, recipe_slices = models_form(data, origin, checked)
+        recipe = recipe_from_mergekit(_slice_base(origin, config, name, 0), origin)
+        recipe["slices"] = recipe_slices
+        notes |= recipe.pop("no_effect", {})
+    else:
+        slices, paths = [], []
+        for index in range(len(checked)):
+            config, (ranges,) = models_form(data, origin, checked, index)
+            try:
+                mapped = recipe_from_mergekit(_slice_base(origin, config, name, index), origin)
+            except RecipeError as error:  # said of the slice it is about
+                where = f"{origin}: " if str(error).startswith(f"{origin}: ") else ""
+                raise RecipeError(f"{origin}: slices.{index}: "
+                                  f"{str(error).removeprefix(where)}") from None
+            slices.append(merged_slice(mapped, ranges["sources"]))
+            paths += [source["path"] for source in slices[-1]["sources"]]
+            notes |= {f"slices.{index}: {key}": value
+                      for key, value in mapped.pop("no_effect", {}).items()}
+            recipe = recipe if index else mapped
+        base = _model_path(origin, "base_model", data["base_model"], False) \
+            if data.get("base_model") is not None else recipe["base"]
+        recipe |= {"base": base, "slices": slices, "sources": [
+            {"path": path} for path in dict.fromkeys(paths) if path != base]}
+    if notes:
+        recipe["no_effect"] = notes
+    return recipe
+
+
+def _slice_base(origin: Path, data: dict, name: Any, index: int) -> dict:
+    """A slice's models are its inputs as they are: for a method with a base (every one but
+    linear and karcher), base_model must be one of them (mergekit: "Base input is not present
+    in merge inputs"); linear and karcher take no base, and mergekit adds none to a slice."""
+    spec = MERGEKIT_METHODS.get(name) if isinstance(name, str) else None
+    paths = [_model_path(origin, f"slices.{index}.sources.{position}.model", entry["model"], True)
+             for position, entry in enumerate(data["models"])]
+    base = data.get("base_model")
+    if base is None or spec is None:  # an unknown method: refused by the models-form mapping
+        return data
+    base = _model_path(origin, "base_model", base, allow_lora=False)
+    if base in paths:
+        return data
+    if spec.base == "symmetric":
+        return {key: value for key, value in data.items() if key != "base_model"}
+    raise RecipeError(f"{origin}: slices.{index}.sources: base_model {base} is not among the "
+                      f"slice's models, and {name} merges onto it (mergekit refuses this too); "
+                      "add it to the slice's sources with the same layer_range")
+
+
+def checked_slices(data: dict[str, Any], origin: Path, notes: dict[str, str]) -> list[tuple]:
+    """Each slice's (sources with their layer ranges, base_model, parameters), checked."""
     slices = data["slices"]
     if data.get("models") is not None:
         raise RecipeError(f"{origin}: give models or slices, not both (mergekit refuses both "
                           "too)")
     if not isinstance(slices, list) or not slices:
         raise RecipeError(f"{origin}: slices: expected a list of slices, each with sources:")
-    checked = [_slice(origin, index, entry, notes) for index, entry in enumerate(slices)]
-    if len(checked) > 1:
-        raise RecipeError(
-            f"{origin}: slices: {len(checked)} slices stack layer ranges into a new layout "
-            "(a frankenmerge); raymerge maps one slice whose models all take the same "
-            "layer_range: use mergekit for layer stacking")
-    (sources, slice_base, slice_parameters), = checked
-    ranges = {tuple(source["layer_range"]) for source in sources}
-    if len(ranges) != 1:
-        raise RecipeError(
-            f"{origin}: slices.0.sources: layer ranges {sorted(ranges)} pair different layers "
-            "of the models; raymerge maps a slice whose models all take the same layer_range")
+    return [_slice(origin, index, entry, notes) for index, entry in enumerate(slices)]
+
+
+def is_models_form(checked: list[tuple]) -> bool:
+    """One slice whose models all take the same range: the models-form configuration."""
+    return len(checked) == 1 and len({tuple(s["layer_range"]) for s in checked[0][0]}) == 1
+
+
+def models_form(data: dict[str, Any], origin: Path, checked: list[tuple], index: int = 0
+                ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(the models-form configuration of slice `index`, the raymerge `slices` of that slice
+    alone, with each model's range)."""
+    sources, slice_base, slice_parameters = checked[index]
     config = {key: value for key, value in data.items() if key != "slices"}
     config["models"] = [{"model": source["model"],
                          **({"parameters": source["parameters"]} if source.get("parameters")
                             is not None else {})} for source in sources]
     if slice_base is not None:
         config["base_model"] = slice_base
-    merged = _merged_parameters(origin, slice_parameters, data.get("parameters"))
+    merged = _merged_parameters(origin, index, slice_parameters, data.get("parameters"))
     if merged is not None:
         config["parameters"] = merged
-    (start, end), = ranges
-    recipe_slices = [{"sources": [{"path": str(source["model"]), "layer_range": [start, end]}
+    recipe_slices = [{"sources": [{"path": str(source["model"]),
+                                   "layer_range": list(source["layer_range"])}
                                   for source in sources]}]
     return config, recipe_slices
+
+
+def passthrough_recipe(data: dict[str, Any], origin: Path, checked: list[tuple]
+                       ) -> dict[str, Any]:
+    """mergekit's passthrough: every slice copies one model's layer range. The recipe's base
+    (whose config.json the output takes, its layer count and per-layer lists made to fit) is
+    base_model, else the first slice's model."""
+    for key in ("parameters",):
+        if data.get(key):
+            raise RecipeError(f"{origin}: {key}: passthrough copies tensors and raymerge takes no "
+                              "parameter for it (mergekit's scale is not supported); remove it")
+    slices, paths = [], []
+    for index, (sources, _, slice_parameters) in enumerate(checked):
+        if len(sources) != 1:
+            raise RecipeError(f"{origin}: slices.{index}.sources: passthrough copies one model's "
+                              f"layers per slice, got {len(sources)} models (mergekit refuses "
+                              "this too); split them into slices or use another merge_method")
+        (source,) = sources
+        if slice_parameters or source.get("parameters"):
+            raise RecipeError(f"{origin}: slices.{index}: passthrough takes no parameter here "
+                              "(mergekit's scale is not supported); remove the parameters")
+        path = _model_path(origin, f"slices.{index}.sources.0.model", source["model"], False)
+        slices.append({"sources": [{"path": path, "layer_range": list(source["layer_range"])}]})
+        paths.append(path)
+    base = _model_path(origin, "base_model", data["base_model"], False) \
+        if data.get("base_model") is not None else paths[0]
+    others = [path for path in dict.fromkeys(paths) if path != base]
+    return {"base": base, "sources": [{"path": path} for path in others], "slices": slices}
+
+
+def merged_slice(recipe: dict[str, Any], ranges: list[dict[str, Any]]) -> dict[str, Any]:
+    """One merged slice of a raymerge recipe from the recipe its models-form configuration
+    maps to: each model's range, weight and parameters, the slice's base and method."""
+    by_path = {source["path"]: source for source in recipe["sources"]}
+    sources = []
+    for entry in ranges:
+        source = by_path.get(entry["path"], {})
+        sources.append({**entry, **{key: source[key] for key in ("weight", "parameters")
+                                    if key in source}})
+    method = {key: value for key, value in recipe["method"].items() if key != "name"}
+    return {"sources": sources, "base": recipe["base"], "method": method}
 
 
 def _slice(origin: Path, index: int, entry: Any, notes: dict[str, str]):
@@ -107,13 +218,14 @@ def layer_range(origin: Path | str, where: str, value: Any) -> list[int]:
     return [int(value[0]), int(value[1])]
 
 
-def _merged_parameters(origin: Path, inner: Any, outer: Any) -> dict | None:
+def _merged_parameters(origin: Path, index: int, inner: Any, outer: Any) -> dict | None:
     """A slice's parameters over the top level's, as mergekit resolves them: the slice's value
     wins; a filter list of the slice that matches nothing falls through to the top level's."""
     if inner is None:
         return outer
     if not isinstance(inner, dict):
-        raise RecipeError(f"{origin}: slices.0.parameters: expected a mapping, got {inner!r}")
+        raise RecipeError(f"{origin}: slices.{index}.parameters: expected a mapping, got "
+                          f"{inner!r}")
     if outer is not None and not isinstance(outer, dict):
         return outer  # refused by the models-form mapping, with its message
     merged = dict(outer or {})

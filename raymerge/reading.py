@@ -146,7 +146,7 @@ class TensorReader:
 def read_numpy(checkpoint: Checkpoint, name: str) -> np.ndarray:
     info = checkpoint.tensors[name]
     with reading(checkpoint, name), safe_open(info.file, framework="numpy") as handle:
-        return handle.get_tensor(name)
+        return handle.get_tensor(info.name)  # a view (raymerge.layout) renames the tensor
 
 
 def numpy_slices(checkpoint: Checkpoint, name: str, shape: tuple[int, ...]):
@@ -156,7 +156,7 @@ def numpy_slices(checkpoint: Checkpoint, name: str, shape: tuple[int, ...]):
         if not shape:
             yield 0, handle.get_tensor(name)
             return
-        source = handle.get_slice(name)
+        source = handle.get_slice(info.name)
         step = max(1, (CPU_CHUNK_BYTES // 4) // max(1, math.prod(shape[1:])))
         for start in range(0, shape[0], step):
             yield start, source[start:min(start + step, shape[0])]

@@ -130,19 +130,24 @@ class TokenizerSpec(StrictModel):
 class SliceSource(StrictModel):
     path: str  # the base or a source, as written in the recipe
     layer_range: tuple[int, int]  # [start, end): the blocks this slice takes from it
+    weight: Varying[float] | None = None  # this slice's weight (else the source's)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # over the source's own
 
 
 class SliceSpec(StrictModel):
     """Output blocks taken from the same layer range of each listed checkpoint (mergekit's
-    `slices`). Only the identity layout is merged for now: one slice whose checkpoints all
-    take every layer, which is the whole-model merge."""
+    `slices`), in order. One checkpoint: its blocks are copied (mergekit's passthrough).
+    Several: merged by the recipe's method onto the slice's base (which is one of them), with
+    this slice's method keys over the recipe's."""
 
     sources: list[SliceSource] = Field(min_length=1)
+    base: str | None = None  # the slice's base; the recipe's when absent
+    method: dict[str, Any] = Field(default_factory=dict)
 
 
 class Recipe(StrictModel):
     base: str
-    sources: list[SourceSpec] = Field(min_length=1)
+    sources: list[SourceSpec] = Field(default_factory=list)  # ≥ 1 unless slices copy blocks
     method: SerializeAsAny[MethodSettings] = Field(
         default_factory=lambda: {"name": DEFAULT_METHOD}, validate_default=True)
     calibrate: CalibrateSpec | None = None
@@ -172,6 +177,12 @@ class Recipe(StrictModel):
     @classmethod
     def _method_settings(cls, value: Any) -> MethodSettings:
         return method_settings(value)
+
+    @model_validator(mode="after")
+    def _some_source(self) -> Recipe:
+        if not self.sources and not self.slices:
+            raise ValueError("sources: List should have at least 1 item")
+        return self
 
     @model_validator(mode="after")
     def _source_parameters(self) -> Recipe:

@@ -5,14 +5,17 @@ refuses (one line each)."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
-from helpers import load_tensors, write_recipe
+import torch
+from helpers import file_digests, load_tensors, write_recipe
 from reference_mergekit_geometric import reference_geometric
 
 from raymerge.chat_templates import NAMES, named_template
 from raymerge.cli import main
 from raymerge.errors import RecipeError
-from raymerge.merge import prepare
+from raymerge.merge import prepare, run_merge
 from raymerge.mergekit import MERGEKIT_METHODS, recipe_from_mergekit
 from raymerge.recipe import load_recipe, recipe_from_dict
 from raymerge.roles import layer_positions
@@ -79,30 +82,125 @@ def test_slice_parameters_resolve_over_the_top_level_as_mergekit_does():
     assert (source.path, source.weight, source.parameters) == ("m", 0.7, {"density": 0.4})
 
 
-def test_a_slice_range_that_is_not_every_layer_or_out_of_bounds_fails_before_work(
-        float32_family, tmp_path):
+def test_a_slice_range_out_of_bounds_fails_before_work(float32_family, tmp_path):
     base, other = str(float32_family["base"]), str(float32_family["sources"][0])
-    for end, message in [(LAYERS - 1, "takes part of the layers, which changes the model's "
-                                      "layout"),
-                         (LAYERS + 1, r"\[0, 4\] is outside the 3 layers")]:
-        recipe = load_recipe(write_recipe(tmp_path / "mk.yaml", _lazy_slerp(base, other, end)))
-        with pytest.raises(RecipeError, match=message) as caught:
-            prepare(recipe, out=tmp_path / "out")
-        assert "\n" not in str(caught.value)
+    recipe = load_recipe(write_recipe(tmp_path / "mk.yaml", _lazy_slerp(base, other, LAYERS + 1)))
+    with pytest.raises(RecipeError, match=r"\[0, 4\] is outside the 3 layers") as caught:
+        prepare(recipe, out=tmp_path / "out")
+    assert "\n" not in str(caught.value)
     whole = load_recipe(write_recipe(tmp_path / "mk.yaml", _lazy_slerp(base, other)))
-    assert len(prepare(whole, out=tmp_path / "out").plan.units) > LAYERS
+    assert prepare(whole, out=tmp_path / "out").slices is None  # the whole-model merge
+
+
+def _frankenmerge(first: str, second: str, **extra) -> dict:
+    """mergekit's orcamini-platy-44layer.yml shape: layers 0-1 of one model, then 1-2 of another."""
+    return {"slices": [{"sources": [{"model": first, "layer_range": [0, 2]}]},
+                       {"sources": [{"model": second, "layer_range": [1, 3]}]}],
+            "merge_method": "passthrough", "dtype": "float32", **extra}
+
+
+def test_a_frankenmerge_copies_each_block_from_its_source_byte_for_byte(
+        ray_cluster, float32_family, tmp_path):
+    first, second = float32_family["base"], float32_family["sources"][1]
+    path = write_recipe(tmp_path / "mk.yaml", _frankenmerge(str(first), str(second)))
+    out, again = tmp_path / "merged", tmp_path / "again"
+    assert main(["merge", str(path), "--out", str(out), "--no-progress"]) == 0
+    merged, a, b = load_tensors(out), load_tensors(first), load_tensors(second)
+    expected = {"model.embed_tokens.weight": a["model.embed_tokens.weight"],  # first slice's
+                "model.norm.weight": b["model.norm.weight"], "lm_head.weight": b["lm_head.weight"]}
+    for name, tensor in a.items():
+        if name.startswith("model.layers.0.") or name.startswith("model.layers.1."):
+            expected[name] = tensor
+    for name, tensor in b.items():
+        for source_layer, output_layer in ((1, 2), (2, 3)):
+            prefix = f"model.layers.{source_layer}."
+            if name.startswith(prefix):
+                expected[f"model.layers.{output_layer}." + name[len(prefix):]] = tensor
+    assert sorted(merged) == sorted(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(merged[name], tensor), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    recipe = load_recipe(path)  # the same bytes whatever the order and number of tasks in flight
+    recipe.runtime.max_in_flight = 1
+    run_merge(prepare(recipe, out=again), show_progress=False)
+    assert file_digests(out) == file_digests(again)
+
+
+def test_merged_slices_take_their_own_parameters_and_gradients(ray_cluster, float32_family,
+                                                               tmp_path):
+    base, other = str(float32_family["base"]), str(float32_family["sources"][0])
+    config = {"merge_method": "slerp", "base_model": base, "dtype": "float32",
+              "parameters": {"t": 0.5},
+              "slices": [{"sources": [{"model": base, "layer_range": [0, 2]},
+                                      {"model": other, "layer_range": [0, 2]}],
+                          "parameters": {"t": [0.1, 0.3]}},
+                         {"sources": [{"model": base, "layer_range": [1, 3]},
+                                      {"model": other, "layer_range": [1, 3]}]}]}
+    out = tmp_path / "merged"
+    assert main(["merge", str(write_recipe(tmp_path / "mk.yaml", config)), "--out", str(out),
+                 "--no-progress"]) == 0
+    merged, a, b = load_tensors(out), load_tensors(base), load_tensors(other)
+    # output block -> (input block, t): the first slice's gradient over its own 2 layers
+    blocks = {0: (0, 0.1), 1: (1, 0.3), 2: (1, 0.5), 3: (2, 0.5)}
+    for name, tensor in merged.items():
+        parts = name.split(".")
+        if name.startswith("model.layers."):
+            source_layer, t = blocks[int(parts[2])]
+            source = ".".join([*parts[:2], str(source_layer), *parts[3:]])
+        else:
+            source, t = name, 0.1 if "embed" in name else 0.5  # first slice, last slice, at t=0
+        expected = reference_geometric("slerp", a[source], [b[source]], [1.0], {"t": t})
+        error = float((tensor.double() - expected).norm())
+        assert error <= 2e-5 * float((expected - a[source].double()).norm()) + \
+            2.0**-23 * float(expected.norm()) + 1e-12, name
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma(tmp_path_factory):
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    root = tmp_path_factory.mktemp("gemma")
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=96, hidden_size=32, intermediate_size=48,
+                              num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1,
+                              head_dim=16, sliding_window=8, max_position_embeddings=64,
+                              layer_types=["sliding_attention", "full_attention",
+                                           "sliding_attention"])
+    Gemma3ForCausalLM(config).save_pretrained(root / "base")
+    return root / "base"
+
+
+def test_depth_up_scaling_a_gemma_model_follows_its_per_layer_config(ray_cluster, tiny_gemma,
+                                                                     tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    path = write_recipe(tmp_path / "mk.yaml", _frankenmerge(str(tiny_gemma), str(tiny_gemma)))
+    out = tmp_path / "merged"
+    assert main(["merge", str(path), "--out", str(out), "--no-progress"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4
+    assert config["layer_types"] == ["sliding_attention", "full_attention", "full_attention",
+                                     "sliding_attention"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 4
+    assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, 96)
 
 
 @pytest.mark.parametrize("config, message", [
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]},
                  {"sources": [{"model": "b", "layer_range": [1, 3]}]}],
-      "merge_method": "slerp", "base_model": "a"}, "2 slices stack layer ranges"),
+      "merge_method": "slerp", "base_model": "a"}, "slices.0: slerp merges 1 model"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
+                              {"model": "b", "layer_range": [0, 2]}]}],
+      "merge_method": "passthrough"}, "passthrough copies one model's layers per slice"),
+    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2],
+                               "parameters": {"scale": 0.5}}]}],
+      "merge_method": "passthrough"}, "scale is not supported"),
+    ({"models": [{"model": "a"}], "merge_method": "passthrough"}, "give slices"),
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
                               {"model": "b", "layer_range": [0, 3]}]}],
       "merge_method": "slerp", "base_model": "a"}, "every model of a slice gives the same"),
-    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
-                              {"model": "b", "layer_range": [1, 3]}]}],
-      "merge_method": "slerp", "base_model": "a"}, "pair different layers"),
     ({"slices": [{"sources": [{"model": "a", "layer_range": [2, 1]}]}],
       "merge_method": "slerp", "base_model": "a"}, "0 <= start < end"),
     ({"slices": [{"sources": [{"model": "m", "layer_range": [0, 2],
@@ -112,8 +210,6 @@ def test_a_slice_range_that_is_not_every_layer_or_out_of_bounds_fails_before_wor
       "merge_method": "slerp"}, "range: not a key of a mergekit slice source"),
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}],
       "models": [{"model": "a"}], "merge_method": "slerp"}, "models or slices, not both"),
-    ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}],
-      "merge_method": "passthrough"}, "passthrough stacks layer ranges"),
     ({"modules": {"text": {}}, "merge_method": "slerp"}, "modules"),
 ])
 def test_slice_layouts_raymerge_does_not_merge_are_one_line_errors(config, message):
