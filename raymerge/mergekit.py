@@ -76,7 +76,6 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "ram": MergekitMethod("ram", ("epsilon",), weights=False),
     "ramplus_tl": MergekitMethod("ramplus_tl", ("r", "alpha", "epsilon"), weights=False),
 }
-REFUSED_METHODS: dict[str, str] = {}
 # mergekit parameters that change nothing in mergekit's result: accepted, and reported by
 # `raymerge plan` and the merge summary as having no effect, with the reason
 NO_EFFECT = {
@@ -104,8 +103,6 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
         from raymerge.mergekit_slices import sliced_recipe
 
         return sliced_recipe(data, origin)
-    if isinstance(name, str) and name in REFUSED_METHODS:
-        raise RecipeError(f"{origin}: {REFUSED_METHODS[name]}")
     if not isinstance(name, str) or name not in MERGEKIT_METHODS:
         raise RecipeError(f"{origin}: merge_method {name!r} is not a mergekit 0.1.5 method "
                           f"raymerge knows; use one of {', '.join(sorted(MERGEKIT_METHODS))}")
