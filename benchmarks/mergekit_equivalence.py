@@ -1,6 +1,7 @@
 """raymerge against mergekit 0.1.5 itself, method by method, on the same mergekit YAML files.
 
     python benchmarks/mergekit_equivalence.py [--mergekit-venv /tmp/raymerge-mergekit-venv]
+    python benchmarks/mergekit_equivalence.py --examples   # mergekit's own examples/ instead
 
 A synthetic family (a Llama-shaped base, hidden 256, 4 layers, vocab 1024, and 4 fine-tunes with
 low-rank-plus-noise deltas) stored in float32, so that magnitude ties at trim thresholds are absent.
@@ -141,7 +142,12 @@ def main() -> None:
     parser.add_argument("--report", default="benchmarks/results/mergekit_equivalence.json")
     parser.add_argument("--compare-only", action="store_true",
                         help="compare the outputs an earlier run left in --work again")
+    parser.add_argument("--examples", action="store_true",
+                        help="mergekit's examples/ on tiny local models (mergekit_examples.py)")
     args = parser.parse_args()
+    if args.examples:
+        run_examples(args)
+        return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     base_dir, source_dirs = family(work)
@@ -195,6 +201,63 @@ def main() -> None:
                 stats = row[tool]
                 print(f"| {method} | {tool} | {stats['kept']:.4f} | {stats['mean_abs_kept']:.3e} "
                       f"| {stats['sign_agrees_with_sum']:.4f} |")
+
+
+def run_examples(args) -> None:
+    """Every YAML of mergekit's examples/, rewritten onto local models, merged by both tools;
+    each output compared whole (names, bytes, relative difference, ulps of the output dtype),
+    and config.json's layer count."""
+    from mergekit_examples import compare_outputs, example_names, rewritten
+
+    work = Path(args.work).resolve() / "examples"
+    work.mkdir(parents=True, exist_ok=True)
+    mergekit = ensure_mergekit(Path(args.mergekit_venv))
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env.pop("RAY_ADDRESS", None)
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    rows = {}
+    for name in example_names():
+        config = work / f"{name}.yml"
+        config.write_text(yaml.safe_dump(rewritten(name, work), sort_keys=False))
+        out_mk, out_rm = work / f"out-{name}-mergekit", work / f"out-{name}-raymerge"
+        for out in (out_mk, out_rm):
+            shutil.rmtree(out, ignore_errors=True)
+        mk = run_measured([str(mergekit), str(config), str(out_mk), "--no-copy-tokenizer",
+                           "--quiet", "--no-write-model-card", "--random-seed", "0"], env=env)
+        try:
+            rm = run_measured([sys.executable, "-m", "raymerge.cli", "merge", str(config),
+                               "--out", str(out_rm), "--no-progress"], env=env)
+        except RuntimeError as error:  # refused: the reason is raymerge's one line
+            rows[name] = {"refused": str(error).strip().splitlines()[-1]}
+            print(name, json.dumps(rows[name]), flush=True)
+            continue
+        layers = [json.loads((out / "config.json").read_text())["num_hidden_layers"]
+                  for out in (out_rm, out_mk)]
+        rows[name] = {**compare_outputs(tensors_as_stored(out_rm), tensors_as_stored(out_mk)),
+                      "layers_raymerge": layers[0], "layers_mergekit": layers[1],
+                      "mergekit_seconds": mk["seconds"], "raymerge_seconds": rm["seconds"]}
+        print(name, json.dumps(rows[name]), flush=True)
+    Path(args.report).with_name("mergekit_examples.json").write_text(
+        json.dumps(rows, indent=2) + "\n")
+    print("\n| example | layers (raymerge / mergekit) | tensors identical | max relative "
+          "difference (tensor) | max difference in ulps of the output dtype | mergekit s | "
+          "raymerge s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        if "refused" in row:
+            print(f"| {name} | refused: {row['refused']} | | | | | |")
+            continue
+        where = f" ({row['tensor']})" if row["tensor"] else ""
+        print(f"| {name} | {row['layers_raymerge']} / {row['layers_mergekit']} | "
+              f"{row['identical_tensors']} of {row['tensors']} | "
+              f"{row['max_relative_difference']:.1e}{where} | "
+              f"{row['max_difference_in_ulps_of_output_dtype']:.2f} | "
+              f"{row['mergekit_seconds']:.1f} | {row['raymerge_seconds']:.1f} |")
+
+
+def tensors_as_stored(directory: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpoint.open(str(directory), directory)
+    return {name: read_tensor(info) for name, info in checkpoint.tensors.items()}
 
 
 if __name__ == "__main__":

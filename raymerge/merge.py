@@ -327,6 +327,8 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     title, paper = method.title, method.paper
     if recipe.svc_alpha() is not None:
         title, paper = f"{title}, then SVC (α = {recipe.svc_alpha():g})", f"{paper}; {SVC_PAPER}"
+    if prepared.slices is not None and all(job.copied for job in prepared.slices):
+        title, paper = "passthrough: blocks copied from the layer ranges of slices", ""
     (directory / "README.md").write_text(model_card(recipe, revisions, summary, title, paper))
     tensor_stats = {}
     for stats in sorted(unit_stats, key=lambda s: s["unit"]):

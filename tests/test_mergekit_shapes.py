@@ -275,3 +275,44 @@ def test_a_named_chat_template_is_mergekits_text(name):
     assert text == named_template(name) and "{%" in text
     assert {"chatml": "<|im_start|>", "llama3": "<|start_header_id|>",
             "mistral": "[INST]"}.get(name, "") in text
+
+
+def _checkpoint(label: str, widths: list[int]):
+    """Header-only checkpoint: layer i has a [widths[i], 8] projection."""
+    from pathlib import Path
+
+    from raymerge.sources.checkpoint import Checkpoint, TensorInfo
+
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": TensorInfo(
+        f"model.layers.{i}.mlp.up_proj.weight", "F32", (width, 8), f"/{label}.safetensors", 0)
+        for i, width in enumerate(widths)}
+    tensors["model.norm.weight"] = TensorInfo("model.norm.weight", "F32", (8,), "/x", 0)
+    return Checkpoint(label=label, directory=Path("/"), tensors=tensors)
+
+
+def test_slices_pair_layers_only_where_their_shapes_match():
+    from raymerge.layout import slice_jobs
+
+    recipe = recipe_from_dict({"base": "a", "sources": ["b"], "method": {"name": "slerp", "t": .5},
+                               "slices": [{"sources": [{"path": "a", "layer_range": [0, 2]},
+                                                       {"path": "b", "layer_range": [1, 3]}]}]})
+    checkpoints = {"a": _checkpoint("a", [4, 4, 4]), "b": _checkpoint("b", [4, 4, 6])}
+    with pytest.raises(RecipeError, match=r"slices.0.sources.1: b has shape \[6, 8\] where the "
+                                          r"slice's base has model.layers.1.mlp.up_proj.weight"):
+        slice_jobs(recipe, checkpoints)
+    checkpoints["b"] = _checkpoint("b", [4, 4, 4])
+    (job,) = slice_jobs(recipe, checkpoints)  # b's layers 1, 2 as output blocks 0, 1
+    assert job.sources[0].tensors["model.layers.0.mlp.up_proj.weight"].name == \
+        "model.layers.1.mlp.up_proj.weight"
+    assert sorted(job.base.tensors) == ["model.layers.0.mlp.up_proj.weight",
+                                        "model.layers.1.mlp.up_proj.weight", "model.norm.weight"]
+
+
+def test_every_per_layer_list_of_the_config_follows_the_new_layout():
+    from raymerge.layout import relayered_config
+
+    config = {"num_hidden_layers": 3, "vocab_size": 3, "layer_types": ["s", "f", "s"],
+              "text_config": {"num_hidden_layers": 3, "no_rope_layers": [1, 0, 1]}}
+    assert relayered_config(config, 3, [0, 1, 1, 2]) == {
+        "num_hidden_layers": 4, "vocab_size": 3, "layer_types": ["s", "f", "f", "s"],
+        "text_config": {"num_hidden_layers": 4, "no_rope_layers": [1, 0, 0, 1]}}
