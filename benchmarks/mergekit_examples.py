@@ -55,9 +55,13 @@ def local_model(work: Path, hub_id: str) -> Path:
     return path
 
 
-def rewritten(name: str, work: Path) -> dict:
-    """Example `name` (its file name without .yml) with every model on a local checkpoint."""
+def rewritten(name: str, work: Path, dtype: str | None = None) -> dict:
+    """Example `name` (its file name without .yml) with every model on a local checkpoint;
+    with `dtype`, its dtype replaced (float32: mergekit computes in float32, as raymerge
+    does, which separates the mapping from the precision of the computation)."""
     config = yaml.safe_load((EXAMPLES / f"{name}.yml").read_text())
+    if dtype is not None:
+        config["dtype"] = dtype
 
     def local(value):
         if isinstance(value, dict):
@@ -91,7 +95,7 @@ def compare_outputs(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
             continue
         difference = (mine.double() - reference.double())
         relative = float(difference.norm()) / max(float(reference.double().norm()), 1e-30)
-        spacing = _spacing(reference)
+        spacing = _spacing(reference, mine)
         worst_ulps = max(worst_ulps, float((difference.abs() / spacing).max()))
         if relative > worst:
             worst, worst_tensor = relative, name
@@ -100,10 +104,12 @@ def compare_outputs(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
             "max_difference_in_ulps_of_output_dtype": worst_ulps}
 
 
-def _spacing(reference: torch.Tensor) -> torch.Tensor:
-    """The spacing of reference's dtype at each of its entries (its ulp there)."""
+def _spacing(reference: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The spacing of reference's dtype at each entry (its ulp there), at the larger magnitude
+    of the two tensors' entries, normal numbers only (a zero against a tiny value is not 1e40
+    ulps)."""
     info = torch.finfo(reference.dtype)
-    magnitude = reference.double().abs().clamp(min=info.tiny)
+    magnitude = torch.maximum(reference.double().abs(), other.double().abs()).clamp(min=info.tiny)
     exponent = torch.floor(torch.log2(magnitude))
     return torch.pow(2.0, exponent - _mantissa_bits(reference.dtype))
 
