@@ -103,7 +103,8 @@ def _plan_text(prepared) -> str:
     from raymerge.progress import format_plan, format_vocabulary, no_effect_lines
     from raymerge.resolved import resolved_parameters
 
-    text = format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan))
+    text = format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan,
+                                                          prepared.slices))
     if prepared.vocabulary is not None:
         text += f"\nvocabulary: {format_vocabulary(prepared.vocabulary.summary())}"
     for line in no_effect_lines(prepared.recipe.no_effect):

@@ -128,7 +128,7 @@ def test_a_frankenmerge_copies_each_block_from_its_source_byte_for_byte(
 
 
 def test_merged_slices_take_their_own_parameters_and_gradients(ray_cluster, float32_family,
-                                                               tmp_path):
+                                                               tmp_path, capsys):
     base, other = str(float32_family["base"]), str(float32_family["sources"][0])
     config = {"merge_method": "slerp", "base_model": base, "dtype": "float32",
               "parameters": {"t": 0.5},
@@ -137,9 +137,11 @@ def test_merged_slices_take_their_own_parameters_and_gradients(ray_cluster, floa
                           "parameters": {"t": [0.1, 0.3]}},
                          {"sources": [{"model": base, "layer_range": [1, 3]},
                                       {"model": other, "layer_range": [1, 3]}]}]}
-    out = tmp_path / "merged"
-    assert main(["merge", str(write_recipe(tmp_path / "mk.yaml", config)), "--out", str(out),
-                 "--no-progress"]) == 0
+    out, path = tmp_path / "merged", write_recipe(tmp_path / "mk.yaml", config)
+    assert main(["plan", str(path)]) == 0  # each slice's values, unit by unit
+    shown = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert shown["model.layers.1"].endswith("t 0.3") and "t" not in shown["model.layers.3"][40:]
+    assert main(["merge", str(path), "--out", str(out), "--no-progress"]) == 0
     merged, a, b = load_tensors(out), load_tensors(base), load_tensors(other)
     # output block -> (input block, t): the first slice's gradient over its own 2 layers
     blocks = {0: (0, 0.1), 1: (1, 0.3), 2: (1, 0.5), 3: (2, 0.5)}
