@@ -247,8 +247,8 @@ def run_examples(args) -> None:
     Path(args.report).with_name(f"mergekit_examples{suffix}.json").write_text(
         json.dumps(rows, indent=2) + "\n")
     print("\n| example | layers (raymerge / mergekit) | tensors identical | max relative "
-          "difference (tensor) | max difference in ulps of the output dtype | mergekit s | "
-          "raymerge s |")
+          "difference (tensor) | max entry difference in ulps of the output dtype at max \\|W\\| "
+          "| mergekit s | raymerge s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, row in rows.items():
         if "refused" in row:
