@@ -1,5 +1,7 @@
 """A mergekit 0.1.5 YAML as a raymerge recipe. Every key of mergekit's configuration either has
-its effect here or is a one-line RecipeError naming it: none is dropped unread.
+its effect here, or is accepted and recorded in the recipe's `no_effect` (an option that changes
+nothing in mergekit's result either: `int8_mask`, ...), or is a one-line RecipeError naming it:
+none is dropped unread. `slices:` are mapped by raymerge.mergekit_slices.
 
 mergekit's methods map onto raymerge methods with the settings that reproduce them exactly
 (`MERGEKIT_METHODS`: mergekit's defaults written out where raymerge's differ); mergekit's
@@ -113,7 +115,7 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
     if not isinstance(models, list) or not models:
         raise RecipeError(f"{origin}: models: give at least one model")
     entries = [_model_entry(origin, index, entry) for index, entry in enumerate(models)]
-    base = _model_path(origin, "base_model", data["base_model"], allow_lora=False) \
+    base = model_reference(origin, "base_model", data["base_model"], allow_lora=False) \
         if data.get("base_model") is not None else None
     top = _parameters(origin, "parameters", data.get("parameters"), spec, shared=True)
     if "weight" in top:  # checked here too: a weight every model sets itself is not used below
@@ -127,8 +129,8 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
         for index, (path, params) in sources]}
     if name == "linear":
         recipe["sources"] = _linear_weights(origin, entries, recipe["sources"], top)
-    recipe |= _dtypes(origin, data)
-    recipe |= _vocabulary(origin, data)
+    recipe |= dtype_keys(origin, data)
+    recipe |= vocabulary_keys(origin, data)
     if notes:
         recipe["no_effect"] = notes
     return recipe
@@ -219,11 +221,11 @@ def _model_entry(origin: Path, index: int, entry: Any) -> tuple[int, str, dict]:
     if extra:
         raise RecipeError(f"{origin}: models.{index}.{extra[0]}: not a key of a mergekit model "
                           "entry (model, parameters)")
-    path = _model_path(origin, f"models.{index}.model", entry["model"], allow_lora=True)
+    path = model_reference(origin, f"models.{index}.model", entry["model"], allow_lora=True)
     return index, path, _mapping(origin, f"models.{index}.parameters", entry.get("parameters"))
 
 
-def _model_path(origin: Path, where: str, reference: Any, allow_lora: bool) -> str:
+def model_reference(origin: Path, where: str, reference: Any, allow_lora: bool) -> str:
     """A mergekit ModelReference: 'path[@revision][+lora]' or {model: {path, revision}, lora}."""
     if isinstance(reference, dict):
         unknown = sorted(set(map(str, reference)) - {"model", "lora"})
@@ -382,7 +384,7 @@ def _linear_weights(origin: Path, entries, sources: list[dict], top: dict) -> li
             for source, weight in zip(sources, weights[1:])]
 
 
-def _dtypes(origin: Path, data: dict) -> dict:
+def dtype_keys(origin: Path, data: dict) -> dict:
     """out_dtype (else dtype) is the output's dtype; dtype float64 computes in float64. Lower
     precisions compute in float32 in raymerge (mergekit computes in them)."""
     result: dict[str, Any] = {}
@@ -399,7 +401,7 @@ def _dtypes(origin: Path, data: dict) -> dict:
     return result
 
 
-def _vocabulary(origin: Path, data: dict) -> dict:
+def vocabulary_keys(origin: Path, data: dict) -> dict:
     """tokenizer_source / tokenizer / chat_template onto the recipe's tokenizer and
     chat_template keys."""
     result: dict[str, Any] = {}
@@ -408,7 +410,7 @@ def _vocabulary(origin: Path, data: dict) -> dict:
         raise RecipeError(f"{origin}: give tokenizer_source or tokenizer, not both (mergekit "
                           "refuses both too)")
     if source is not None:
-        result["tokenizer"] = {"source": _model_path(origin, "tokenizer_source", source,
+        result["tokenizer"] = {"source": model_reference(origin, "tokenizer_source", source,
                                                      allow_lora=False)}
     if tokenizer is not None:
         tokenizer = _mapping(origin, "tokenizer", tokenizer)
@@ -420,7 +422,7 @@ def _vocabulary(origin: Path, data: dict) -> dict:
             raise RecipeError(f"{origin}: tokenizer.tokens (an embedding source per token) is not "
                               "supported: a token new to the base takes the mean of the rows of "
                               "the sources that have it; remove tokens")
-        result["tokenizer"] = {"source": _model_path(origin, "tokenizer.source",
+        result["tokenizer"] = {"source": model_reference(origin, "tokenizer.source",
                                                      tokenizer.get("source", "union"),
                                                      allow_lora=False)}
         if tokenizer.get("pad_to_multiple_of") is not None:

@@ -23,10 +23,10 @@ from typing import Any
 from raymerge.errors import RecipeError
 from raymerge.mergekit import (
     MERGEKIT_METHODS,
-    _dtypes,
-    _model_path,
-    _vocabulary,
+    dtype_keys,
+    model_reference,
     recipe_from_mergekit,
+    vocabulary_keys,
 )
 
 SLICE_KEYS = {"sources", "base_model", "parameters", "residual_weight"}
@@ -48,7 +48,7 @@ def sliced_recipe(data: dict[str, Any], origin: Path) -> dict[str, Any]:
     checked = checked_slices(data, origin, notes)
     if name == "passthrough":
         recipe = passthrough_recipe(data, origin, checked)
-        recipe |= _dtypes(origin, data) | _vocabulary(origin, data)
+        recipe |= dtype_keys(origin, data) | vocabulary_keys(origin, data)
     elif is_models_form(checked):
         config, recipe_slices = models_form(data, origin, checked)
         recipe = recipe_from_mergekit(_slice_base(origin, config, name, 0), origin)
@@ -69,7 +69,7 @@ def sliced_recipe(data: dict[str, Any], origin: Path) -> dict[str, Any]:
             notes |= {f"slices.{index}: {key}": value
                       for key, value in mapped.pop("no_effect", {}).items()}
             recipe = recipe if index else mapped
-        base = _model_path(origin, "base_model", data["base_model"], False) \
+        base = model_reference(origin, "base_model", data["base_model"], False) \
             if data.get("base_model") is not None else recipe["base"]
         recipe |= {"base": base, "slices": slices, "sources": [
             {"path": path} for path in dict.fromkeys(paths) if path != base]}
@@ -83,12 +83,13 @@ def _slice_base(origin: Path, data: dict, name: Any, index: int) -> dict:
     linear and karcher), base_model must be one of them (mergekit: "Base input is not present
     in merge inputs"); linear and karcher take no base, and mergekit adds none to a slice."""
     spec = MERGEKIT_METHODS.get(name) if isinstance(name, str) else None
-    paths = [_model_path(origin, f"slices.{index}.sources.{position}.model", entry["model"], True)
+    paths = [model_reference(origin, f"slices.{index}.sources.{position}.model",
+                             entry["model"], True)
              for position, entry in enumerate(data["models"])]
     base = data.get("base_model")
     if base is None or spec is None:  # an unknown method: refused by the models-form mapping
         return data
-    base = _model_path(origin, "base_model", base, allow_lora=False)
+    base = model_reference(origin, "base_model", base, allow_lora=False)
     if base in paths:
         return data
     if spec.base == "symmetric":
@@ -153,10 +154,10 @@ def passthrough_recipe(data: dict[str, Any], origin: Path, checked: list[tuple]
         if slice_parameters or source.get("parameters"):
             raise RecipeError(f"{origin}: slices.{index}: passthrough takes no parameter here "
                               "(mergekit's scale is not supported); remove the parameters")
-        path = _model_path(origin, f"slices.{index}.sources.0.model", source["model"], False)
+        path = model_reference(origin, f"slices.{index}.sources.0.model", source["model"], False)
         slices.append({"sources": [{"path": path, "layer_range": list(source["layer_range"])}]})
         paths.append(path)
-    base = _model_path(origin, "base_model", data["base_model"], False) \
+    base = model_reference(origin, "base_model", data["base_model"], False) \
         if data.get("base_model") is not None else paths[0]
     others = [path for path in dict.fromkeys(paths) if path != base]
     return {"base": base, "sources": [{"path": path} for path in others], "slices": slices}
