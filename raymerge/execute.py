@@ -19,7 +19,7 @@ from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, Method, build_method
 from raymerge.plan import TensorTask, WorkUnit, check_fits
 from raymerge.reading import TensorReader, numpy_slices, read_numpy
-from raymerge.settings import MethodSettings, settings_for_tensor
+from raymerge.settings import MethodSettings, evaluate, settings_for_tensor
 from raymerge.sources.checkpoint import Checkpoint, read_tensor
 from raymerge.sources.lora import LoraAdapter
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
@@ -52,6 +52,7 @@ class MergeJob:
     source_parameters: list[dict[str, Any]] | None = None  # each source's own method keys
     reindexing: Reindexing | None = None  # vocabulary-indexed tensors onto the output vocabulary
     copy: bool = False  # a slice of one checkpoint (mergekit's passthrough): its tensors copied
+    copy_scale: Any = None  # ... times this, resolved per tensor (None: the bytes as they are)
 
     def reindexes(self, name: str) -> bool:
         return self.reindexing is not None and name in self.reindexing.axes
@@ -85,9 +86,7 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
                 tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
                 continue
             if job.copy:  # the checkpoint's own tensor, in the output dtype
-                outputs[tensor.name] = to_numpy_bits(
-                    read_tensor(job.base.tensors[tensor.name]).to(
-                        TORCH_DTYPES[tensor.output_dtype]))
+                outputs[tensor.name] = to_numpy_bits(_copied(job, tensor))
                 tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
                 continue
             # A re-indexed tensor's deltas depend on the output vocabulary (and its synthesized
@@ -194,6 +193,18 @@ def _update_from_lora(method: Method, pass_index: int, source_index: int, adapte
         else:
             factors = (left, reindex_rows(right, reindexing.rows, reindexing.base_tokens))
     method.update_factored(pass_index, source_index, *factors)
+
+
+def _copied(job: MergeJob, tensor: TensorTask) -> torch.Tensor:
+    """A copied slice's tensor in the output dtype, times its scale where one is given (in the
+    compute dtype, then rounded once)."""
+    copied = read_tensor(job.base.tensors[tensor.name])
+    scale = None if job.copy_scale is None else evaluate(job.copy_scale, tensor.name,
+                                                         tensor.layer_position)
+    if scale is not None and scale != 1:
+        compute = TORCH_DTYPES["F64" if job.compute_dtype == "float64" else "F32"]
+        copied = copied.to(compute) * scale
+    return copied.to(TORCH_DTYPES[tensor.output_dtype])
 
 
 def _copy_integer_tensor(job: MergeJob, name: str) -> np.ndarray:

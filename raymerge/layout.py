@@ -28,6 +28,7 @@ class SliceJob:
     method: Any  # the recipe's method settings with this slice's keys over them
     copied: bool  # one checkpoint: its tensors are copied
     layers: list[int]  # per output block of this slice, the block of the slice base it is
+    scale: Any = None  # a copied slice's tensors times this (mergekit passthrough's scale)
 
 
 def block_stacks(checkpoint: Checkpoint) -> dict[str, list[int]]:
@@ -99,12 +100,14 @@ def _slice_job(recipe, checkpoints, index: int, spec, offset: int) -> SliceJob:
                           "once (or in two slices)")
     if len(spec.sources) == 1:
         (only,) = spec.sources
-        if spec.method or only.weight is not None or only.parameters:
-            raise RecipeError(f"{where}: a slice of one checkpoint is copied as it is: its "
-                              "method, weight and parameters would have no effect; remove them")
+        if spec.method or only.weight is not None or set(only.parameters) - {"scale"}:
+            raise RecipeError(f"{where}: a slice of one checkpoint is copied (times its "
+                              "parameters' scale, if given): a method, weight or other "
+                              "parameter would have no effect; remove them")
         view = _view(checkpoints[only.path], only.layer_range, offset, index == 0, last)
         return SliceJob(base=view, sources=[], weights=[], parameters=[], method=recipe.method,
-                        copied=True, layers=list(range(*only.layer_range)))
+                        copied=True, layers=list(range(*only.layer_range)),
+                        scale=_scale(where, only.parameters.get("scale")))
     base_path = spec.base or recipe.base
     if base_path not in paths:
         raise RecipeError(f"{where}.base: {base_path} is not among the slice's checkpoints; "
@@ -145,6 +148,21 @@ def _view(checkpoint: Checkpoint, layer_range, offset: int, first: bool, last: b
             renamed = f"{stack}.{int(number) - start + offset}{name[len(block):]}"
             tensors[renamed] = info
     return replace(checkpoint, tensors=tensors)
+
+
+def _scale(where: str, value: Any) -> Any:
+    """A copied slice's scale: a number, a gradient or filter entries (None: not scaled)."""
+    if value is None:
+        return None
+    from pydantic import TypeAdapter, ValidationError
+
+    from raymerge.settings import Varying
+
+    try:
+        return TypeAdapter(Varying[float]).validate_python(value)
+    except ValidationError as error:
+        raise RecipeError(f"{where}.sources.0.parameters.scale: "
+                          f"{error.errors()[0]['msg']}") from None
 
 
 def _slice_method(recipe, where: str, keys: dict, parameters: list[dict]):

@@ -190,7 +190,7 @@ def _jobs(prepared: Prepared) -> MergeJob | list[MergeJob]:
     # a view's tensor names are the output's: never from, nor into, the per-source cache
     return [replace(job, base=s.base, sources=s.sources, weights=s.weights,
                     source_parameters=s.parameters, method=s.method, copy=s.copied,
-                    factor_cache=None) for s in prepared.slices]
+                    copy_scale=s.scale, factor_cache=None) for s in prepared.slices]
 
 
 def _job(prepared: Prepared) -> MergeJob:

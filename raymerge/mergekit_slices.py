@@ -137,13 +137,11 @@ def models_form(data: dict[str, Any], origin: Path, checked: list[tuple], index:
 
 def passthrough_recipe(data: dict[str, Any], origin: Path, checked: list[tuple]
                        ) -> dict[str, Any]:
-    """mergekit's passthrough: every slice copies one model's layer range. The recipe's base
-    (whose config.json the output takes, its layer count and per-layer lists made to fit) is
-    base_model, else the first slice's model."""
-    for key in ("parameters",):
-        if data.get(key):
-            raise RecipeError(f"{origin}: {key}: passthrough copies tensors and raymerge takes no "
-                              "parameter for it (mergekit's scale is not supported); remove it")
+    """mergekit's passthrough: every slice copies one model's layer range, its tensors times
+    `scale` where given (per model in the slice, else the slice's, else the top level's). The
+    recipe's base (whose config.json the output takes, its layer count and per-layer lists made
+    to fit) is base_model, else the first slice's model."""
+    _only_scale(origin, "parameters", data.get("parameters"))
     slices, paths = [], []
     for index, (sources, _, slice_parameters) in enumerate(checked):
         if len(sources) != 1:
@@ -151,16 +149,29 @@ def passthrough_recipe(data: dict[str, Any], origin: Path, checked: list[tuple]
                               f"layers per slice, got {len(sources)} models (mergekit refuses "
                               "this too); split them into slices or use another merge_method")
         (source,) = sources
-        if slice_parameters or source.get("parameters"):
-            raise RecipeError(f"{origin}: slices.{index}: passthrough takes no parameter here "
-                              "(mergekit's scale is not supported); remove the parameters")
+        _only_scale(origin, f"slices.{index}.parameters", slice_parameters)
+        _only_scale(origin, f"slices.{index}.sources.0.parameters", source.get("parameters"))
+        scale = (_merged_parameters(origin, index, source.get("parameters"), _merged_parameters(
+            origin, index, slice_parameters, data.get("parameters"))) or {}).get("scale")
         path = model_reference(origin, f"slices.{index}.sources.0.model", source["model"], False)
-        slices.append({"sources": [{"path": path, "layer_range": list(source["layer_range"])}]})
+        slices.append({"sources": [{"path": path, "layer_range": list(source["layer_range"]),
+                                    **({"parameters": {"scale": scale}} if scale is not None
+                                       else {})}]})
         paths.append(path)
     base = model_reference(origin, "base_model", data["base_model"], False) \
         if data.get("base_model") is not None else paths[0]
     others = [path for path in dict.fromkeys(paths) if path != base]
     return {"base": base, "sources": [{"path": path} for path in others], "slices": slices}
+
+
+def _only_scale(origin: Path, where: str, parameters: Any) -> None:
+    """passthrough's one parameter is scale (mergekit's PassthroughMerge)."""
+    if parameters is not None and not isinstance(parameters, dict):
+        raise RecipeError(f"{origin}: {where}: expected a mapping, got {parameters!r}")
+    for key in parameters or {}:
+        if key != "scale":
+            raise RecipeError(f"{origin}: {where}.{key}: not a parameter of mergekit's "
+                              "passthrough (it takes: scale); fix or remove it")
 
 
 def merged_slice(recipe: dict[str, Any], ranges: list[dict[str, Any]]) -> dict[str, Any]:

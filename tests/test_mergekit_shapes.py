@@ -177,9 +177,20 @@ def test_depth_up_scaling_a_gemma_model_follows_its_per_layer_config(ray_cluster
                                                                      tmp_path):
     from transformers import AutoModelForCausalLM
 
-    path = write_recipe(tmp_path / "mk.yaml", _frankenmerge(str(tiny_gemma), str(tiny_gemma)))
+    config = _frankenmerge(str(tiny_gemma), str(tiny_gemma))  # depth up-scaling, as published:
+    config["slices"][1]["parameters"] = {"scale": [  # the repeated layers' outputs zeroed
+        {"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1}]}
+    path = write_recipe(tmp_path / "mk.yaml", config)
     out = tmp_path / "merged"
     assert main(["merge", str(path), "--out", str(out), "--no-progress"]) == 0
+    merged, source = load_tensors(out), load_tensors(tiny_gemma)
+    for output_layer, source_layer in ((0, 0), (1, 1), (2, 1), (3, 2)):
+        for part in ("self_attn.o_proj", "mlp.down_proj", "mlp.up_proj"):
+            got = merged[f"model.layers.{output_layer}.{part}.weight"]
+            copied = source[f"model.layers.{source_layer}.{part}.weight"]
+            zeroed = output_layer >= 2 and part != "mlp.up_proj"
+            assert torch.equal(got, torch.zeros_like(copied) if zeroed else copied), \
+                (output_layer, part)
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 4
     assert config["layer_types"] == ["sliding_attention", "full_attention", "full_attention",
@@ -197,8 +208,8 @@ def test_depth_up_scaling_a_gemma_model_follows_its_per_layer_config(ray_cluster
                               {"model": "b", "layer_range": [0, 2]}]}],
       "merge_method": "passthrough"}, "passthrough copies one model's layers per slice"),
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2],
-                               "parameters": {"scale": 0.5}}]}],
-      "merge_method": "passthrough"}, "scale is not supported"),
+                               "parameters": {"weight": 0.5}}]}],
+      "merge_method": "passthrough"}, "weight: not a parameter of mergekit's passthrough"),
     ({"models": [{"model": "a"}], "merge_method": "passthrough"}, "give slices"),
     ({"slices": [{"sources": [{"model": "a", "layer_range": [0, 2]},
                               {"model": "b", "layer_range": [0, 3]}]}],
