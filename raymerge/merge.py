@@ -108,7 +108,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
         for job, slice_plan in zip(slices, plans):
             if not job.copied:
                 _check_method(job.method, slice_plan.tensors, len(job.sources), _options(recipe))
-        plan = combine_plans(plans)
+        plan = combine_plans(plans, len(sources))
     for unit in plan.units:  # refuse a task memory the largest unit cannot fit in
         check_fits(unit, recipe.runtime.memory)
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan,

@@ -124,13 +124,13 @@ def make_plan(
     return Plan(units=tuple(units), num_sources=len(sources))
 
 
-def combine_plans(plans: list[Plan]) -> Plan:
+def combine_plans(plans: list[Plan], num_sources: int) -> Plan:
     """The plans of a layout's slices as one: units in checkpoint order of their first tensor,
-    numbered again, each with the index of its slice."""
+    numbered again, each with the index of its slice; `num_sources`: the recipe's."""
     units = [replace(unit, job=job) for job, plan in enumerate(plans) for unit in plan.units]
     units.sort(key=lambda unit: natural_key(unit.tensors[0].name))
     return Plan(units=tuple(replace(unit, index=index) for index, unit in enumerate(units)),
-                num_sources=max(plan.num_sources for plan in plans))
+                num_sources=num_sources)
 
 
 def _pack_loose(base: Checkpoint, names: list[str], target: int) -> list[tuple[str, list[str]]]:
