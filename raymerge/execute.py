@@ -5,6 +5,7 @@ directly."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from functools import partial
@@ -18,10 +19,11 @@ from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, Method, build_method
 from raymerge.plan import TensorTask, WorkUnit, check_fits
-from raymerge.reading import TensorReader, numpy_slices, read_numpy
+from raymerge.reading import Read, TensorReader, read_numpy, reading
 from raymerge.settings import MethodSettings, evaluate, settings_for_tensor
-from raymerge.sources.checkpoint import Checkpoint, read_tensor
+from raymerge.sources.checkpoint import Checkpoint
 from raymerge.sources.lora import LoraAdapter
+from raymerge.sources.tensor_bytes import read_bytes
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 from raymerge.vocabulary import Reindexing
 from raymerge.vocabulary_reading import (
@@ -53,6 +55,8 @@ class MergeJob:
     reindexing: Reindexing | None = None  # vocabulary-indexed tensors onto the output vocabulary
     copy: bool = False  # a slice of one checkpoint (mergekit's passthrough): its tensors copied
     copy_scale: Any = None  # ... times this, resolved per tensor (None: the bytes as they are)
+    # a node-local directory and the bytes it may hold: store ranges kept for a second pass
+    source_cache: tuple[str, int] | None = None
 
     def reindexes(self, name: str) -> bool:
         return self.reindexing is not None and name in self.reindexing.axes
@@ -77,10 +81,13 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
     outputs: dict[str, np.ndarray] = {}
     factors: dict[str, dict[str, np.ndarray]] = {}
     tensor_stats: dict[str, dict[str, Any]] = {}
-    with PeakMemory() as memory, torch.inference_mode(), TensorReader(job.device) as reader:
+    range_cache = (os.path.join(job.source_cache[0], f"unit-{unit.index}-{os.getpid()}"),
+                   job.source_cache[1]) if job.source_cache else None
+    with PeakMemory() as memory, torch.inference_mode(), \
+            TensorReader(job.device, source_cache=range_cache) as reader:
         cache = FactorCache(job.factor_cache) if job.factor_cache else None
         options = replace(job.options, factor_cache=cache)
-        for tensor in unit.tensors:
+        for position, tensor in enumerate(unit.tensors):
             if tensor.copied:
                 outputs[tensor.name] = _copy_integer_tensor(job, tensor.name)
                 tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
@@ -96,7 +103,8 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
             method = job.method_for(tensor, tensor_options)
             try:
                 merged, tensor_stats[tensor.name] = _merge_tensor(
-                    job, method, tensor, TORCH_DTYPES[tensor.output_dtype], reader)
+                    job, method, tensor, TORCH_DTYPES[tensor.output_dtype], reader,
+                    after=_base_read(job, unit.tensors[position + 1:]))
             except torch.cuda.OutOfMemoryError:
                 raise ClusterError(out_of_gpu_memory(unit, tensor.name)) from None
             outputs[tensor.name] = to_numpy_bits(merged)
@@ -114,6 +122,7 @@ def merge_unit(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[str,
         "tensors": tensor_stats,
         "factor_cache_hits": cache.hits if cache else 0,
         "factor_cache_misses": cache.misses if cache else 0,
+        "fetched_bytes": reader.fetched_bytes,
     }
     return stats, {"unit": unit.index, "tensors": outputs, "factors": factors}
 
@@ -127,34 +136,54 @@ def out_of_gpu_memory(unit: WorkUnit, tensor_name: str) -> str:
             "merge on the CPU (runtime.device: cpu)")
 
 
+def _base_read(job: MergeJob, following: list[TensorTask]) -> Read | None:
+    """The base's tensor that the reader reads next after this tensor's sources, if any."""
+    if not following or following[0].copied or job.reindexes(following[0].name):
+        return None
+    return job.base, following[0].name
+
+
+def _source_read(job: MergeJob, name: str, source_index: int) -> Read | None:
+    """Source source_index's tensor when the reader reads it (an adapter is not read so)."""
+    if source_index >= len(job.sources) or isinstance(job.sources[source_index], LoraAdapter):
+        return None
+    return job.sources[source_index], name
+
+
 def _merge_tensor(job: MergeJob, method: Method, tensor: TensorTask, output_dtype: torch.dtype,
-                  reader: TensorReader):
+                  reader: TensorReader, after: Read | None = None):
+    """The merged tensor and its statistics. Each read through the reader names the one after
+    it (`then`: the next source, the next pass's first, then `after`) so that the reader reads
+    ahead while this one is merged."""
     name = tensor.name
     compute_dtype = TORCH_DTYPES["F64" if job.compute_dtype == "float64" else "F32"]
     base = torch.empty(tensor.shape, dtype=compute_dtype, device=job.device)
     reindexing = job.reindexing if job.reindexes(name) else None
     if reindexing is None:
-        reader.read_into(base, job.base, name)
-    else:
+        reader.read_into(base, job.base, name, then=_source_read(job, name, 0))
+    else:  # every read of a re-indexed tensor goes through vocabulary_reading, not the reader
         read_base_reindexed(base, job, name, reindexing)
     delta: torch.Tensor | None = None  # one buffer for every source, made when first needed
     method.begin(name, base)  # sets the number of passes this tensor needs
     for pass_index in range(method.passes):
         for source_index, source in enumerate(job.sources):
+            then = _source_read(job, name, source_index + 1)
+            if then is None and source_index + 1 == len(job.sources):
+                then = _source_read(job, name, 0) if pass_index + 1 < method.passes else after
             if not isinstance(source, LoraAdapter) and method.cached_update(pass_index,
                                                                             source_index):
                 continue  # this source's factors came from the cache: nothing to read
             if reindexing is None and not isinstance(source, LoraAdapter) and \
                     method.streams(pass_index):
                 reader.stream(source, name, base, partial(method.update_slice, pass_index,
-                                                          source_index))
+                                                          source_index), then=then)
                 continue
             delta = torch.empty_like(base) if delta is None else delta
             if isinstance(source, LoraAdapter):
                 _update_from_lora(method, pass_index, source_index, source, name, delta,
                                   reindexing)
             elif reindexing is None:
-                reader.read_into(delta, source, name, minus=base)
+                reader.read_into(delta, source, name, minus=base, then=then)
                 method.update(pass_index, source_index, delta)
             else:
                 read_delta_reindexed(delta, source, name, reindexing.axes[name],
@@ -198,7 +227,11 @@ def _update_from_lora(method: Method, pass_index: int, source_index: int, adapte
 def _copied(job: MergeJob, tensor: TensorTask) -> torch.Tensor:
     """A copied slice's tensor in the output dtype, times its scale where one is given (in the
     compute dtype, then rounded once)."""
-    copied = read_tensor(job.base.tensors[tensor.name])
+    info = job.base.tensors[tensor.name]
+    with reading(job.base, tensor.name):  # by byte range: a local file or a store's object
+        raw = read_bytes(info, job.base.storage)
+    copied = torch.frombuffer(raw, dtype=torch.uint8).view(TORCH_DTYPES[info.dtype]).reshape(
+        info.shape)
     scale = None if job.copy_scale is None else evaluate(job.copy_scale, tensor.name,
                                                          tensor.layer_position)
     if scale is not None and scale != 1:
@@ -214,16 +247,13 @@ def _copy_integer_tensor(job: MergeJob, name: str) -> np.ndarray:
     for source in job.sources:
         if isinstance(source, LoraAdapter):
             continue  # an adapter touches floating-point matrices only
-        for start, values in numpy_slices(source, name, base_values.shape):
-            expected = base_values[start:start + len(values)] if base_values.ndim else base_values
-            if np.array_equal(values, expected):
-                continue
-            local = tuple(int(i) for i in np.argwhere(values != expected)[0]) if values.ndim \
-                else ()
-            where = (local[0] + start, *local[1:]) if local else ()
+        values = read_numpy(source, name)
+        if not np.array_equal(values, base_values):
+            where = tuple(int(i) for i in np.argwhere(values != base_values)[0]) \
+                if values.ndim else ()
             raise SourceError(
                 f"source {source.label}: tensor {name} ({source.tensors[name].dtype}) holds "
-                f"{values[local]} at {list(where)} where the base holds {base_values[where]}; "
+                f"{values[where]} at {list(where)} where the base holds {base_values[where]}; "
                 "integer and boolean tensors are copied from the base, not merged: use a "
                 "fine-tune that keeps the base's values, or leave it out")
     return np.ascontiguousarray(base_values)

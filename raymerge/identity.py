@@ -1,11 +1,12 @@
 """Immutable identities of a merge's inputs, and the ids derived from them.
 
-A source's identity is its Hub commit (`hf:org/name@<commit>`, immutable on the Hub) or the sha256
-of its local weight files (`sha256:...`, memoised by path, size and mtime). The submission id is
-a hash of the recipe with every source replaced by its identity: two submissions with the same
-id produce the same bytes, so the second is a no-op. The resume key is a cheaper fingerprint
-(file sizes and mtimes, no hashing) that tells whether a half-written staging directory belongs
-to the merge being started."""
+A source's identity is its Hub commit (`hf:org/name@<commit>`, immutable on the Hub), its object
+store's identities of its weight files (`store:...`: version ids or ETags with sizes; no byte is
+read), or the sha256 of its local weight files (`sha256:...`, memoised by path, size and mtime).
+The submission id is a hash of the recipe with every source replaced by its identity: two
+submissions with the same id produce the same bytes, so the second is a no-op. The resume key
+is a cheaper fingerprint (file sizes and mtimes, or the stores' identities; no hashing) that tells
+whether a half-written staging directory belongs to the merge being started."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from raymerge.output.manifest import sha256_of
 from raymerge.recipe import Recipe
 
 # Recipe fields that change neither the output bytes nor where they go.
-_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check")}
+_SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check",
+                                 "source_cache", "source_cache_size")}
 # Keys added after recipes were first published: left out of the digest while unset, so that
 # adding them to raymerge changed no existing recipe's submission id.
 _LEFT_OUT_WHEN_UNSET = ("tokenizer", "chat_template", "slices")
@@ -29,8 +31,12 @@ _NEVER_DIGESTED = ("no_effect",)
 def checkpoint_identity(checkpoint) -> str:
     """`hf:REPO@COMMIT` for a Hub source, else `sha256:` over its weight files' sha256s."""
     if checkpoint.revision:
-        repo = checkpoint.label.partition("@")[0]
+        repo = checkpoint.label.removeprefix("hf://").partition("@")[0]
         return f"hf:{repo}@{checkpoint.revision}"
+    if checkpoint.remote:  # the store's own identities (version id or ETag, with sizes)
+        lines = [f"{uri.rsplit('/', 1)[-1]} {facts.size} {facts.identity}"
+                 for uri, facts in sorted(checkpoint.facts.items())]
+        return "store:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
     lines = [f"{Path(path).name} {sha256_of(path)}" for path in sorted(checkpoint.files)]
     return "sha256:" + hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -39,6 +45,7 @@ def recipe_digest(recipe: Recipe, identities: dict[str, str] | None = None) -> s
     """sha256 of the recipe's content; with `identities` (label -> identity), source paths are
     replaced by what they point at, so moving a directory does not change it."""
     data = recipe.model_dump(mode="json")
+    data.pop("storage", None)  # how the stores are reached, not what they hold
     for section, keys in _SCHEDULING_ONLY.items():
         for key in keys:
             data[section].pop(key, None)
@@ -68,6 +75,10 @@ def resume_key(recipe: Recipe, checkpoints: list, layout_fingerprint: str) -> st
     """Equal only for the same recipe, the same unchanged input files and the same layout."""
     files = []
     for checkpoint in checkpoints:
+        if checkpoint.remote:
+            files.extend([uri, facts.size, facts.identity]
+                         for uri, facts in sorted(checkpoint.facts.items()))
+            continue
         for path in sorted(checkpoint.files):
             stat = os.stat(path)
             files.append([str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns])

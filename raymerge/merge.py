@@ -77,8 +77,9 @@ class MergeResult:
 def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = False) -> Prepared:
     """Resolve, validate and plan: cheap (headers and configs only), fails before heavy work."""
     allow_pickle = allow_pickle or recipe.allow_pickle
-    base = resolve_checkpoint(recipe.base, allow_pickle)
-    sources = [resolve_checkpoint(source.path, allow_pickle) for source in recipe.sources]
+    base = resolve_checkpoint(recipe.base, allow_pickle, storage=recipe.storage)
+    sources = [resolve_checkpoint(source.path, allow_pickle, storage=recipe.storage)
+               for source in recipe.sources]
     validate_sources(base, sources, vocabularies_may_differ=recipe.tokenizer is not None)
     slices = slice_jobs(recipe, {recipe.base: base, **{
         spec.path: checkpoint for spec, checkpoint in zip(recipe.sources, sources)}})
@@ -209,6 +210,8 @@ def _job(prepared: Prepared) -> MergeJob:
         factor_cache=_factor_cache(prepared),
         memory=recipe.runtime.memory,
         reindexing=prepared.vocabulary.reindexing if prepared.vocabulary else None,
+        source_cache=(recipe.runtime.source_cache, recipe.runtime.source_cache_size)
+        if recipe.runtime.source_cache else None,
     )
 
 
@@ -298,7 +301,16 @@ def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
         "nodes": len({stats["node"] for stats in unit_stats}),
         "factor_cache_hits": sum(stats.get("factor_cache_hits", 0) for stats in unit_stats),
         "factor_cache_misses": sum(stats.get("factor_cache_misses", 0) for stats in unit_stats),
+        "fetched_bytes_by_node": _fetched_by_node(unit_stats),
     }
+
+
+def _fetched_by_node(unit_stats: list[dict]) -> dict[str, int]:
+    """Bytes the tasks fetched from stores (object stores, the Hub), by node id."""
+    fetched: dict[str, int] = {}
+    for stats in unit_stats:
+        fetched[stats["node"]] = fetched.get(stats["node"], 0) + stats.get("fetched_bytes", 0)
+    return fetched
 
 
 def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: list[dict],

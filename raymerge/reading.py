@@ -13,18 +13,25 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager, suppress
 
 import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 
 from raymerge.errors import SourceError
+from raymerge.prefetch import Copier, Prefetcher, ReadRequest, cuda_copier
 from raymerge.sources.checkpoint import Checkpoint
+from raymerge.sources.tensor_bytes import read_numpy_tensor
+from raymerge.store import ByteSource, open_bytes
+from raymerge.store.cache import CachedSource
 from raymerge.tensor_bits import TORCH_DTYPES
+
+Read = tuple[Checkpoint, str]  # a tensor of a checkpoint, by name
 
 CPU_CHUNK_BYTES = 1 << 20  # a slice of a source's bytes: stays in the L2 cache with its f32 copy
 GPU_CHUNK_BYTES = 1 << 25  # fewer, larger host-to-device copies
+REMOTE_CHUNK_BYTES = 1 << 25  # from a store: 4 range requests of 8 MiB in flight per slice
 
 
 @contextmanager
@@ -54,19 +61,44 @@ def raise_not_finite(checkpoint, name: str) -> None:
 
 
 class TensorReader:
-    """One per task: its file descriptors and its byte buffer are reused for every read."""
+    """One per task: its open files, its read-ahead thread and its buffers serve every read.
 
-    def __init__(self, device: str = "cpu") -> None:
+    Reads come in the order they are asked for; `read_ahead` names the next one so that its
+    first slices are read while the current tensor is merged."""
+
+    def __init__(self, device: str = "cpu", copier: Copier | None = None,
+                 depth: int | None = None, slice_bytes: int | None = None,
+                 source_cache: tuple[str, int] | None = None) -> None:
         self.device = torch.device(device)
-        self.chunk_bytes = CPU_CHUNK_BYTES if self.device.type == "cpu" else GPU_CHUNK_BYTES
-        self.buffer = torch.empty(self.chunk_bytes, dtype=torch.uint8,
-                                  pin_memory=self.device.type == "cuda")
-        self.files: dict[str, int] = {}
+        on_cpu = self.device.type == "cpu"
+        self.slice_bytes = slice_bytes or (CPU_CHUNK_BYTES if on_cpu else GPU_CHUNK_BYTES)
+        # the copy to the device (none on the CPU); tests inject a copier that completes late
+        self.copier = copier if copier is not None else (None if on_cpu
+                                                         else cuda_copier(self.device))
+        self.prefetcher = Prefetcher(depth or (4 if on_cpu else 3), self.slice_bytes,
+                                     pinned=self.device.type == "cuda")
+        self.files: dict[str, ByteSource] = {}
+        # (a node-local directory, bytes it may hold): what this reader fetches from a store
+        # is kept there for a second pass, until the reader closes
+        self.source_cache = source_cache
+        self.cache_budget = [source_cache[1] if source_cache else 0]
+        self.fetched_from_stores = 0  # bytes of files closed so far
+
+    @property
+    def fetched_bytes(self) -> int:
+        """Bytes this reader fetched from stores (not from local files, nor its cache)."""
+        return self.fetched_from_stores + sum(getattr(source, "fetched_bytes", 0)
+                                              for source in self.files.values())
 
     def close(self) -> None:
-        for descriptor in self.files.values():
-            os.close(descriptor)
+        self.prefetcher.close()
+        self.fetched_from_stores = self.fetched_bytes
+        for source in self.files.values():
+            source.close()
         self.files = {}
+        if self.source_cache:
+            with suppress(OSError):
+                os.rmdir(self.source_cache[0])
 
     def __enter__(self) -> TensorReader:
         return self
@@ -74,89 +106,96 @@ class TensorReader:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def _descriptor(self, path: str) -> int:
-        if path not in self.files:
-            self.files[path] = os.open(path, os.O_RDONLY)
-        return self.files[path]
+    def _source(self, checkpoint: Checkpoint, uri: str) -> ByteSource:
+        if uri not in self.files:
+            source = open_bytes(uri, checkpoint.storage)
+            if self.source_cache and checkpoint.remote:
+                source = CachedSource(source, self.source_cache[0], self.cache_budget)
+            self.files[uri] = source
+        return self.files[uri]
 
-    def slices(self, checkpoint: Checkpoint, name: str) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first element, the next slice of whole rows in the file's dtype, flat) over the
-        tensor; each slice is a view of the reader's buffer, valid until the next one."""
+    def _request(self, checkpoint: Checkpoint, name: str) -> ReadRequest:
         info = checkpoint.tensors[name]
-        dtype = TORCH_DTYPES[info.dtype]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
+        itemsize = TORCH_DTYPES[info.dtype].itemsize
         row = max(1, math.prod(info.shape[1:])) if info.shape else 1
-        rows_per_slice = max(1, self.chunk_bytes // (row * itemsize))
-        if rows_per_slice * row * itemsize > self.buffer.numel():  # one row above the buffer
-            self.buffer = torch.empty(row * itemsize, dtype=torch.uint8,
-                                      pin_memory=self.device.type == "cuda")
-        total = info.numel
+        # a store's slices are larger: fewer requests, each split into parallel ranges
+        slice_bytes = max(self.slice_bytes, REMOTE_CHUNK_BYTES) if checkpoint.remote \
+            else self.slice_bytes
+        step = max(1, slice_bytes // (row * itemsize)) * row
+        return ReadRequest(key=(info.file, name), source=self._source(checkpoint, info.file),
+                           offset=info.offset, itemsize=itemsize,
+                           slices=[(start, min(step, info.numel - start))
+                                   for start in range(0, info.numel, step)])
+
+    def read_ahead(self, checkpoint: Checkpoint, name: str) -> None:
+        """Start reading this tensor now: it is the next one `slices` will be asked for."""
         with reading(checkpoint, name):
-            descriptor = self._descriptor(info.file)
-            for start in range(0, total, rows_per_slice * row):
-                count = min(rows_per_slice * row, total - start)
-                nbytes = count * itemsize
-                view = memoryview(self.buffer.numpy())[:nbytes]
-                offset = info.offset + start * itemsize
-                while view:
-                    got = os.preadv(descriptor, [view], offset)
-                    if got == 0:
-                        raise OSError(f"unexpected end of file at byte {offset}")
-                    view, offset = view[got:], offset + got
-                raw = self.buffer[:nbytes].view(dtype)
-                yield start, raw.to(self.device, non_blocking=True) \
-                    if self.device.type != "cpu" else raw
+            self.prefetcher.submit(self._request(checkpoint, name))
+
+    def slices(self, checkpoint: Checkpoint, name: str, then: Read | None = None
+               ) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first element, the next slice of whole rows in the file's dtype, flat, on the
+        reader's device) over the tensor; each slice is valid until the next one is asked for.
+        `then`: the read that comes next, started as soon as this one is under way."""
+        dtype = TORCH_DTYPES[checkpoint.tensors[name].dtype]
+        key = (checkpoint.tensors[name].file, name)
+        with reading(checkpoint, name):
+            request = self.prefetcher.take(key, lambda: self._request(checkpoint, name))
+        if then is not None:
+            self.read_ahead(*then)
+        with reading(checkpoint, name):
+            for filled in self.prefetcher.stream(request):
+                raw = filled.buffer.bytes[:filled.count * request.itemsize].view(dtype)
+                if self.copier is None:
+                    try:
+                        yield filled.start, raw
+                    finally:
+                        self.prefetcher.give_back(filled.buffer)
+                else:
+                    on_device, copied = self.copier(raw)
+                    self.prefetcher.give_back(filled.buffer, copied)
+                    yield filled.start, on_device
 
     def read_into(self, target: torch.Tensor, checkpoint: Checkpoint, name: str,
-                  minus: torch.Tensor | None = None) -> None:
+                  minus: torch.Tensor | None = None, then: Read | None = None) -> None:
         """target = the tensor (− minus), checked finite."""
-        for _ in self._converted(checkpoint, name, minus, target.view(-1)):
-            pass
+        with closing(self._converted(checkpoint, name, minus, target.view(-1), then)) as parts:
+            for _ in parts:
+                pass
 
     def stream(self, checkpoint: Checkpoint, name: str, minus: torch.Tensor,
-               each: Callable[[int, torch.Tensor], None]) -> None:
+               each: Callable[[int, torch.Tensor], None], then: Read | None = None) -> None:
         """The tensor − minus, checked finite, handed to each(first element, slice) a slice at
         a time (a scratch slice in minus's dtype, valid during the call): no whole delta."""
-        for start, part in self._converted(checkpoint, name, minus, None):
-            each(start, part)
+        with closing(self._converted(checkpoint, name, minus, None, then)) as parts:
+            for start, part in parts:
+                each(start, part)
 
     def _converted(self, checkpoint: Checkpoint, name: str, minus: torch.Tensor | None,
-                   flat: torch.Tensor | None) -> Iterator[tuple[int, torch.Tensor]]:
+                   flat: torch.Tensor | None, then: Read | None
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
         like = flat if flat is not None else minus
         subtrahend = minus.reshape(-1) if minus is not None else None
         scratch = None
         total = torch.zeros((), dtype=like.dtype, device=like.device)
-        for start, raw in self.slices(checkpoint, name):
-            if flat is not None:
-                part = flat[start:start + raw.numel()]
-            else:
-                if scratch is None or scratch.numel() < raw.numel():
-                    scratch = torch.empty(raw.numel(), dtype=like.dtype, device=like.device)
-                part = scratch[:raw.numel()]
-            if subtrahend is not None:  # convert and subtract in one pass: the same rounding
-                torch.sub(raw, subtrahend[start:start + raw.numel()], out=part)
-            else:
-                part.copy_(raw)
-            total.add_(part.sum())
-            yield start, part
-        if not torch.isfinite(total):
-            raise_not_finite(checkpoint, name)
+        with closing(self.slices(checkpoint, name, then)) as slices:
+            for start, raw in slices:
+                if flat is not None:
+                    part = flat[start:start + raw.numel()]
+                else:
+                    if scratch is None or scratch.numel() < raw.numel():
+                        scratch = torch.empty(raw.numel(), dtype=like.dtype, device=like.device)
+                    part = scratch[:raw.numel()]
+                if subtrahend is not None:  # convert and subtract in one pass: the same rounding
+                    torch.sub(raw, subtrahend[start:start + raw.numel()], out=part)
+                else:
+                    part.copy_(raw)
+                total.add_(part.sum())
+                yield start, part
+            if not torch.isfinite(total):
+                raise_not_finite(checkpoint, name)
 
 
 def read_numpy(checkpoint: Checkpoint, name: str) -> np.ndarray:
-    info = checkpoint.tensors[name]
-    with reading(checkpoint, name), safe_open(info.file, framework="numpy") as handle:
-        return handle.get_tensor(info.name)  # a view (raymerge.layout) renames the tensor
-
-
-def numpy_slices(checkpoint: Checkpoint, name: str, shape: tuple[int, ...]):
-    """(first row, rows) of a tensor, a slice of rows at a time, as numpy."""
-    info = checkpoint.tensors[name]
-    with reading(checkpoint, name), safe_open(info.file, framework="numpy") as handle:
-        if not shape:
-            yield 0, handle.get_tensor(name)
-            return
-        source = handle.get_slice(info.name)
-        step = max(1, (CPU_CHUNK_BYTES // 4) // max(1, math.prod(shape[1:])))
-        for start in range(0, shape[0], step):
-            yield start, source[start:min(start + step, shape[0])]
+    with reading(checkpoint, name):
+        return read_numpy_tensor(checkpoint.tensors[name], checkpoint.storage)

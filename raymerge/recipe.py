@@ -25,6 +25,7 @@ from raymerge.settings import (
     validate_config,
 )
 from raymerge.sizes import parse_size
+from raymerge.store.settings import StorageSettings
 
 __all__ = ["DEFAULT_EXCLUDE", "OUTPUT_DTYPES", "Recipe", "SourceSpec", "StrictModel",
            "load_recipe", "method_settings", "one_line", "read_yaml", "recipe_from_dict",
@@ -111,11 +112,21 @@ class RuntimeSpec(StrictModel):
     factor_cache: str | None = None
     # refuse a task no node can hold (false on a cluster whose autoscaler adds nodes on demand)
     resource_check: bool = True
+    # a node-local directory (e.g. NVMe) where a unit keeps the byte ranges it fetched from a
+    # store until it is done, so that a second pass over the sources fetches nothing again;
+    # at most source_cache_size bytes per unit
+    source_cache: str | None = None
+    source_cache_size: int = parse_size("64GB")
 
     @field_validator("memory", mode="before")
     @classmethod
     def _memory(cls, value: Any) -> int | None:
         return None if value is None else parse_size(value)
+
+    @field_validator("source_cache_size", mode="before")
+    @classmethod
+    def _cache_size(cls, value: Any) -> int:
+        return parse_size(value)
 
 
 class TokenizerSpec(StrictModel):
@@ -165,6 +176,8 @@ class Recipe(StrictModel):
     # options written in a mergekit recipe that change nothing in its result: where -> the
     # value and why (accepted, and reported by `raymerge plan` and the merge summary)
     no_effect: dict[str, str] = Field(default_factory=dict)
+    # where models in object stores are and how to reach them (never credentials)
+    storage: StorageSettings | None = None
 
     @field_validator("sources", mode="before")
     @classmethod

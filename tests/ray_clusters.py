@@ -20,12 +20,12 @@ AGENT_PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                     "runtime-env-agent-port", "ray-client-server-port", "metrics-export-port")
 
 
-def free_ports(count: int) -> list[int]:
-    """Distinct ports free now (all held open together while they are picked)."""
+def free_ports(count: int, host: str = "") -> list[int]:
+    """Distinct ports free now on host (all held open together while they are picked)."""
     probes = [socket.socket() for _ in range(count)]
     try:
         for probe in probes:
-            probe.bind(("", 0))
+            probe.bind((host, 0))
         return [probe.getsockname()[1] for probe in probes]
     finally:
         for probe in probes:

@@ -64,7 +64,9 @@ class SourceHasher:
 
     def __init__(self, checkpoints: list[Checkpoint], threads: int = 2) -> None:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="sha256")
-        paths = sorted({file for checkpoint in checkpoints for file in checkpoint.files})
+        # files in a store are identified by the store (no byte read here)
+        paths = sorted({file for checkpoint in checkpoints if not checkpoint.remote
+                        for file in checkpoint.files})
         self._futures: dict[str, Future] = {path: self._pool.submit(sha256_of, path)
                                             for path in paths}
 
@@ -78,15 +80,19 @@ class SourceHasher:
 
 
 def describe_checkpoint(checkpoint: Checkpoint, hashes: dict[str, str], **extra) -> dict:
+    if checkpoint.remote:  # the store's identity of each file: sha256 (Hub LFS), ETag, version
+        files = {uri.rsplit("/", 1)[-1]: {facts.identity.partition(":")[0]:
+                                          facts.identity.partition(":")[2], "bytes": facts.size}
+                 for uri, facts in sorted(checkpoint.facts.items())}
+    else:
+        files = {Path(path).name: {"sha256": hashes[path], "bytes": Path(path).stat().st_size}
+                 for path in checkpoint.files}
     return {
         "source": checkpoint.label,
-        "directory": str(checkpoint.directory),
+        "directory": None if checkpoint.remote else str(checkpoint.directory),
         "revision": checkpoint.revision,
         **extra,
-        "files": {
-            Path(path).name: {"sha256": hashes[path], "bytes": Path(path).stat().st_size}
-            for path in checkpoint.files
-        },
+        "files": files,
     }
 
 

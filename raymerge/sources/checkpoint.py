@@ -12,6 +12,8 @@ from safetensors import safe_open
 
 from raymerge.errors import SourceError
 from raymerge.sources.safetensors_header import TensorInfo, read_header
+from raymerge.store.base import FileFacts
+from raymerge.store.settings import StorageSettings
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -29,6 +31,15 @@ class Checkpoint:
     tensors: dict[str, TensorInfo]
     config: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
+    # a checkpoint in a store: its weight files' sizes and identities (by URI), and the
+    # settings a task needs to read them on its own node; `directory` then holds only the
+    # small files (config, tokenizer), fetched by the driver
+    facts: dict[str, FileFacts] = field(default_factory=dict)
+    storage: StorageSettings | None = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.facts)
 
     @property
     def files(self) -> list[str]:

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from raymerge.errors import SourceError
 from raymerge.sources.safetensors_header import TensorInfo, read_header
+from raymerge.sources.tensor_bytes import read_small_tensor
+from raymerge.store.base import FileFacts
+from raymerge.store.settings import StorageSettings
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -39,10 +41,17 @@ class LoraAdapter:
     targets: dict[str, LoraTarget]  # base tensor name -> factors
     config: dict[str, Any] = field(default_factory=dict)
     revision: str | None = None
+    facts: dict[str, FileFacts] = field(default_factory=dict)  # in a store: as Checkpoint's
+    storage: StorageSettings | None = None
+
+    @property
+    def remote(self) -> bool:
+        return bool(self.facts)
 
     @property
     def files(self) -> list[str]:
-        return [str(self.directory / ADAPTER_WEIGHTS)]
+        return sorted({target.up.file for target in self.targets.values()}) or \
+            [str(self.directory / ADAPTER_WEIGHTS)]
 
     def nbytes_of(self, name: str) -> int:
         target = self.targets.get(name)
@@ -55,9 +64,8 @@ class LoraAdapter:
         target = self.targets.get(name)
         if target is None:
             return None
-        with safe_open(target.up.file, framework="pt", device="cpu") as handle:
-            up = handle.get_tensor(target.up.name)
-            down = handle.get_tensor(target.down.name)
+        up, down = read_small_tensor(target.up, self.storage), \
+            read_small_tensor(target.down, self.storage)
         left = up.to(device=device, dtype=dtype).mul_(target.scale)
         right = down.to(device=device, dtype=dtype).mT
         if not (torch.isfinite(left.sum()) and torch.isfinite(right.sum())):
@@ -72,7 +80,10 @@ def is_lora_directory(directory: Path) -> bool:
     return (directory / ADAPTER_CONFIG).exists()
 
 
-def open_lora(label: str, directory: Path, revision: str | None = None) -> LoraAdapter:
+def open_lora(label: str, directory: Path, revision: str | None = None,
+              header: dict[str, TensorInfo] | None = None) -> LoraAdapter:
+    """The adapter in `directory`; `header`: its weights' tensor table where the weights are in
+    a store (read by range), not in the directory."""
     directory = directory.resolve()
     try:
         config = json.loads((directory / ADAPTER_CONFIG).read_text())
@@ -94,14 +105,15 @@ def open_lora(label: str, directory: Path, revision: str | None = None) -> LoraA
             "merge; merge it into the base with peft's merge_and_unload and use that model "
             "(with a tokenizer key where it added tokens)"
         )
-    weights = directory / ADAPTER_WEIGHTS
-    if not weights.exists():
-        raise SourceError(f"source {label}: no {ADAPTER_WEIGHTS} in {directory}; save the "
-                          "adapter with safetensors")
-    try:
-        header = read_header(weights)
-    except SourceError as error:
-        raise SourceError(f"source {label}: {error}") from None
+    if header is None:
+        weights = directory / ADAPTER_WEIGHTS
+        if not weights.exists():
+            raise SourceError(f"source {label}: no {ADAPTER_WEIGHTS} in {directory}; save the "
+                              "adapter with safetensors")
+        try:
+            header = read_header(weights)
+        except SourceError as error:
+            raise SourceError(f"source {label}: {error}") from None
     return LoraAdapter(label=label, directory=directory, config=config, revision=revision,
                        targets=_pair_factors(label, header, config))
 

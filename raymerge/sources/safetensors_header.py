@@ -29,7 +29,7 @@ class TensorInfo:
     name: str
     dtype: str  # safetensors code, e.g. "BF16"
     shape: tuple[int, ...]
-    file: str  # absolute path of the shard that holds it
+    file: str  # the shard that holds it: an absolute path, or a store's URI
     offset: int = -1  # where its bytes start in the file (-1: not from a header)
 
     @property
@@ -42,39 +42,59 @@ class TensorInfo:
 
 
 def read_header(path: str | Path) -> dict[str, TensorInfo]:
-    """Tensor infos of one safetensors file; SourceError if the header is unreadable or lies."""
+    """Tensor infos of one local safetensors file; SourceError if the header is unreadable or
+    lies."""
+    from raymerge.store.local import LocalFile
+
     path = Path(path)
     try:
         file_size = os.path.getsize(path)
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise SourceError(f"{path}: file too short to be safetensors; re-download it")
-            (header_size,) = struct.unpack("<Q", prefix)
-            if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
-                raise SourceError(
-                    f"{path}: corrupted safetensors header (claims {header_size} bytes in a "
-                    f"{file_size}-byte file); re-download or re-save this file"
-                )
-            header = json.loads(handle.read(header_size))
+        source = LocalFile(str(path))
     except OSError as error:
         raise SourceError(f"{path}: cannot read ({error.strerror}); check permissions") from None
+    try:
+        return read_header_from(source, file_size, str(path))
+    finally:
+        source.close()
+
+
+def read_header_from(source, file_size: int, file: str) -> dict[str, TensorInfo]:
+    """Tensor infos of a safetensors file read by range (the 8-byte length, then the header:
+    never a weight byte); each TensorInfo names the file as `file`."""
+    def read(nbytes: int, offset: int) -> bytes:
+        buffer = bytearray(nbytes)
+        try:
+            source.read_into(memoryview(buffer), offset)
+        except OSError as error:
+            raise SourceError(f"{file}: cannot read ({error}); check permissions") from None
+        return bytes(buffer)
+
+    if file_size < 8:
+        raise SourceError(f"{file}: file too short to be safetensors; re-download it")
+    (header_size,) = struct.unpack("<Q", read(8, 0))
+    if header_size > min(_MAX_HEADER_BYTES, file_size - 8):
+        raise SourceError(
+            f"{file}: corrupted safetensors header (claims {header_size} bytes in a "
+            f"{file_size}-byte file); re-download or re-save this file"
+        )
+    try:
+        header = json.loads(read(header_size, 8))
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise SourceError(
-            f"{path}: corrupted safetensors header (not JSON); re-download or re-save this file"
+            f"{file}: corrupted safetensors header (not JSON); re-download or re-save this file"
         ) from None
     if not isinstance(header, dict):
-        raise SourceError(f"{path}: corrupted safetensors header (not a mapping); re-save the file")
+        raise SourceError(f"{file}: corrupted safetensors header (not a mapping); re-save the file")
     data_size = file_size - 8 - header_size
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = _tensor_info(path, name, entry, data_size, 8 + header_size)
+        tensors[name] = _tensor_info(file, name, entry, data_size, 8 + header_size)
     return tensors
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int,
+def _tensor_info(path: str, name: str, entry: object, data_size: int,
                  data_start: int) -> TensorInfo:
     try:
         dtype = entry["dtype"]  # type: ignore[index]

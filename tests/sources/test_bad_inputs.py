@@ -149,8 +149,8 @@ def test_no_traceback_without_debug_and_one_with_it(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert plain.returncode == 2 and plain.stdout == ""
     assert plain.stderr.strip().splitlines() == [
-        f"raymerge: error: source {tmp_path / 'nowhere'}: not found; give an existing directory "
-        "or 'org/name'"]
+        f"raymerge: error: source {tmp_path / 'nowhere'}: not found; give an existing directory, "
+        "s3://bucket/prefix, gs://bucket/prefix or a Hub id 'org/name[@revision]'"]
     debug = subprocess.run([sys.executable, "-m", "raymerge.cli", "--debug", "merge", str(recipe)],
                            capture_output=True, text=True, timeout=120)
     assert debug.returncode != 0 and "Traceback (most recent call last)" in debug.stderr

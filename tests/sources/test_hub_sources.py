@@ -1,4 +1,5 @@
-"""Hub ids resolve through the Hugging Face cache (offline here), with the revision pinned."""
+"""Hub ids offline (HF_HUB_OFFLINE): resolved through the local Hugging Face cache, with the
+revision pinned. Online, by range requests: tests/sources/test_remote_sources.py."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def test_hub_id_resolves_to_the_cached_snapshot_with_its_commit(hub_cache):
 
 def test_unknown_hub_id_offline_says_so(hub_cache):
     with pytest.raises(SourceError, match="org/absent: not in the local Hugging Face cache and "
-                                          r"the Hub cannot be reached \(offline\?\)"):
+                                          r"the Hub cannot be reached \(offline\?\); download "
+                                          "it first, unset HF_HUB_OFFLINE"):
         resolve_checkpoint("org/absent")
 
 
