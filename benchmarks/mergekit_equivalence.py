@@ -1,6 +1,7 @@
 """raymerge against mergekit 0.1.5 itself, method by method, on the same mergekit YAML files.
 
     python benchmarks/mergekit_equivalence.py [--mergekit-venv /tmp/raymerge-mergekit-venv]
+    python benchmarks/mergekit_equivalence.py --examples   # mergekit's own examples/ instead
 
 A synthetic family (a Llama-shaped base, hidden 256, 4 layers, vocab 1024, and 4 fine-tunes with
 low-rank-plus-noise deltas) stored in float32, so that magnitude ties at trim thresholds are absent.
@@ -141,7 +142,14 @@ def main() -> None:
     parser.add_argument("--report", default="benchmarks/results/mergekit_equivalence.json")
     parser.add_argument("--compare-only", action="store_true",
                         help="compare the outputs an earlier run left in --work again")
+    parser.add_argument("--examples", action="store_true",
+                        help="mergekit's examples/ on tiny local models (mergekit_examples.py)")
+    parser.add_argument("--examples-dtype", default=None,
+                        help="with --examples: replace each example's dtype (e.g. float32)")
     args = parser.parse_args()
+    if args.examples:
+        run_examples(args)
+        return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     base_dir, source_dirs = family(work)
@@ -155,16 +163,7 @@ def main() -> None:
         config = work / f"{method}.yaml"
         config.write_text(yaml.safe_dump(mergekit_yaml(method, base_dir, source_dirs)))
         out_mk, out_rm = work / f"out-{method}-mergekit", work / f"out-{method}-raymerge"
-        if args.compare_only:  # the outputs of an earlier run, compared again
-            mk = rm = {"seconds": float("nan"), "peak_rss": 0}
-        else:
-            for out in (out_mk, out_rm):
-                shutil.rmtree(out, ignore_errors=True)
-            mk = run_measured([str(mergekit), str(config), str(out_mk), "--no-copy-tokenizer",
-                               "--quiet", "--no-write-model-card", "--random-seed", "0"],
-                              env=env)
-            rm = run_measured([sys.executable, "-m", "raymerge.cli", "merge", str(config),
-                               "--out", str(out_rm), "--no-progress"], env=env)
+        mk, rm = run_both(mergekit, config, out_mk, out_rm, env, args.compare_only)
         count = CASES[method][0]
         result = compare(method, base, tensors(out_rm), tensors(out_mk), sources[:count])
         rows[method] = {**result, "mergekit_seconds": mk["seconds"],
@@ -195,6 +194,77 @@ def main() -> None:
                 stats = row[tool]
                 print(f"| {method} | {tool} | {stats['kept']:.4f} | {stats['mean_abs_kept']:.3e} "
                       f"| {stats['sign_agrees_with_sum']:.4f} |")
+
+
+def run_both(mergekit: Path | None, config: Path, out_mk: Path, out_rm: Path, env: dict,
+             compare_only: bool) -> tuple[dict, dict]:
+    """mergekit's and raymerge's runs of one YAML file, each into a fresh output; with
+    `compare_only`, neither (the outputs of an earlier run are compared again)."""
+    if compare_only:
+        nothing = {"seconds": float("nan"), "peak_rss": 0}
+        return nothing, nothing
+    for out in (out_mk, out_rm):
+        shutil.rmtree(out, ignore_errors=True)
+    mk = run_measured([str(mergekit), str(config), str(out_mk), "--no-copy-tokenizer", "--quiet",
+                       "--no-write-model-card", "--random-seed", "0"], env=env)
+    rm = run_measured([sys.executable, "-m", "raymerge.cli", "merge", str(config), "--out",
+                       str(out_rm), "--no-progress"], env=env)
+    return mk, rm
+
+
+def run_examples(args) -> None:
+    """Every YAML of mergekit's examples/, rewritten onto local models, merged by both tools;
+    each output compared whole (names, bytes, relative difference, ulps of the output dtype),
+    and config.json's layer count."""
+    from mergekit_examples import compare_outputs, example_names, rewritten
+
+    work = Path(args.work).resolve() / "examples"
+    work.mkdir(parents=True, exist_ok=True)
+    suffix = f"-{args.examples_dtype}" if args.examples_dtype else ""
+    mergekit = None if args.compare_only else ensure_mergekit(Path(args.mergekit_venv))
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env.pop("RAY_ADDRESS", None)
+    print(f"command: {' '.join(sys.argv)}", flush=True)
+    rows = {}
+    for name in example_names():
+        config = work / f"{name}{suffix}.yml"
+        config.write_text(yaml.safe_dump(rewritten(name, work, args.examples_dtype),
+                                         sort_keys=False))
+        out_mk = work / f"out-{name}{suffix}-mergekit"
+        out_rm = work / f"out-{name}{suffix}-raymerge"
+        try:
+            mk, rm = run_both(mergekit, config, out_mk, out_rm, env, args.compare_only)
+        except RuntimeError as error:  # refused: the reason is the tool's last line
+            rows[name] = {"refused": str(error).strip().splitlines()[-1]}
+            print(name, json.dumps(rows[name]), flush=True)
+            continue
+        layers = [json.loads((out / "config.json").read_text())["num_hidden_layers"]
+                  for out in (out_rm, out_mk)]
+        rows[name] = {**compare_outputs(tensors_as_stored(out_rm), tensors_as_stored(out_mk)),
+                      "layers_raymerge": layers[0], "layers_mergekit": layers[1],
+                      "mergekit_seconds": mk["seconds"], "raymerge_seconds": rm["seconds"]}
+        print(name, json.dumps(rows[name]), flush=True)
+    Path(args.report).with_name(f"mergekit_examples{suffix}.json").write_text(
+        json.dumps(rows, indent=2) + "\n")
+    print("\n| example | layers (raymerge / mergekit) | tensors identical | max relative "
+          "difference (tensor) | max entry difference in ulps of the output dtype at max \\|W\\| "
+          "| mergekit s | raymerge s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, row in rows.items():
+        if "refused" in row:
+            print(f"| {name} | refused: {row['refused']} | | | | | |")
+            continue
+        where = f" ({row['tensor']})" if row["tensor"] else ""
+        print(f"| {name} | {row['layers_raymerge']} / {row['layers_mergekit']} | "
+              f"{row['identical_tensors']} of {row['tensors']} | "
+              f"{row['max_relative_difference']:.1e}{where} | "
+              f"{row['max_difference_in_ulps_of_output_dtype']:.2f} | "
+              f"{row['mergekit_seconds']:.1f} | {row['raymerge_seconds']:.1f} |")
+
+
+def tensors_as_stored(directory: Path) -> dict[str, torch.Tensor]:
+    checkpoint = Checkpoint.open(str(directory), directory)
+    return {name: read_tensor(info) for name, info in checkpoint.tensors.items()}
 
 
 if __name__ == "__main__":

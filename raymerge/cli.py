@@ -100,13 +100,21 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _plan_text(prepared) -> str:
-    from raymerge.progress import format_plan, format_runtime, format_vocabulary
+    from raymerge.progress import (
+        format_plan,
+        format_runtime,
+        format_vocabulary,
+        no_effect_lines,
+    )
     from raymerge.resolved import resolved_parameters
 
-    text = format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan))
+    text = format_plan(prepared.plan, resolved_parameters(prepared.recipe, prepared.plan,
+                                                          prepared.slices))
     text += "\n" + format_runtime(prepared.recipe.runtime)
     if prepared.vocabulary is not None:
         text += f"\nvocabulary: {format_vocabulary(prepared.vocabulary.summary())}"
+    for line in no_effect_lines(prepared.recipe.no_effect):
+        text += "\n" + line.strip()
     return text
 
 

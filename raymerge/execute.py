@@ -19,10 +19,11 @@ from raymerge.factor_cache import FactorCache, FactorCacheSpec
 from raymerge.memory import PeakMemory
 from raymerge.methods import MergeOptions, Method, build_method
 from raymerge.plan import TensorTask, WorkUnit, check_fits
-from raymerge.reading import Read, TensorReader, read_numpy
-from raymerge.settings import MethodSettings, settings_for_tensor
+from raymerge.reading import Read, TensorReader, read_numpy, reading
+from raymerge.settings import MethodSettings, evaluate, settings_for_tensor
 from raymerge.sources.checkpoint import Checkpoint
 from raymerge.sources.lora import LoraAdapter
+from raymerge.sources.tensor_bytes import read_bytes
 from raymerge.tensor_bits import TORCH_DTYPES, to_numpy_bits
 from raymerge.vocabulary import Reindexing
 from raymerge.vocabulary_reading import (
@@ -52,6 +53,8 @@ class MergeJob:
     memory: int | None = None  # bytes the task asked Ray for; a unit that cannot fit is refused
     source_parameters: list[dict[str, Any]] | None = None  # each source's own method keys
     reindexing: Reindexing | None = None  # vocabulary-indexed tensors onto the output vocabulary
+    copy: bool = False  # a slice of one checkpoint (mergekit's passthrough): its tensors copied
+    copy_scale: Any = None  # ... times this, resolved per tensor (None: the bytes as they are)
     # a node-local directory and the bytes it may hold: store ranges kept for a second pass
     source_cache: tuple[str, int] | None = None
 
@@ -108,6 +111,10 @@ def _merge_unit_on(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[
         for position, tensor in enumerate(unit.tensors):
             if tensor.copied:
                 outputs[tensor.name] = _copy_integer_tensor(job, tensor.name)
+                tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
+                continue
+            if job.copy:  # the checkpoint's own tensor, in the output dtype
+                outputs[tensor.name] = to_numpy_bits(_copied(job, tensor))
                 tensor_stats[tensor.name] = {"delta_rms": 0.0, "delta_max_abs": 0.0}
                 continue
             # A re-indexed tensor's deltas depend on the output vocabulary (and its synthesized
@@ -257,6 +264,22 @@ def _update_from_lora(method: Method, pass_index: int, source_index: int, adapte
         else:
             factors = (left, reindex_rows(right, reindexing.rows, reindexing.base_tokens))
     method.update_factored(pass_index, source_index, *factors)
+
+
+def _copied(job: MergeJob, tensor: TensorTask) -> torch.Tensor:
+    """A copied slice's tensor in the output dtype, times its scale where one is given (in the
+    compute dtype, then rounded once)."""
+    info = job.base.tensors[tensor.name]
+    with reading(job.base, tensor.name):  # by byte range: a local file or a store's object
+        raw = read_bytes(info, job.base.storage)
+    copied = torch.frombuffer(raw, dtype=torch.uint8).view(TORCH_DTYPES[info.dtype]).reshape(
+        info.shape)
+    scale = None if job.copy_scale is None else evaluate(job.copy_scale, tensor.name,
+                                                         tensor.layer_position)
+    if scale is not None and scale != 1:
+        compute = TORCH_DTYPES["F64" if job.compute_dtype == "float64" else "F32"]
+        copied = copied.to(compute) * scale
+    return copied.to(TORCH_DTYPES[tensor.output_dtype])
 
 
 def _copy_integer_tensor(job: MergeJob, name: str) -> np.ndarray:

@@ -23,7 +23,9 @@ _SCHEDULING_ONLY = {"runtime": ("max_in_flight", "factor_cache", "resource_check
                                  "source_cache", "source_cache_size")}
 # Keys added after recipes were first published: left out of the digest while unset, so that
 # adding them to raymerge changed no existing recipe's submission id.
-_LEFT_OUT_WHEN_UNSET = ("tokenizer", "chat_template")
+_LEFT_OUT_WHEN_UNSET = ("tokenizer", "chat_template", "slices")
+# Recorded for the user's information only: options that change no byte of the output.
+_NEVER_DIGESTED = ("no_effect",)
 
 
 def checkpoint_identity(checkpoint) -> str:
@@ -50,6 +52,8 @@ def recipe_digest(recipe: Recipe, identities: dict[str, str] | None = None) -> s
     for key in _LEFT_OUT_WHEN_UNSET:
         if data.get(key) is None:
             data.pop(key, None)
+    for key in _NEVER_DIGESTED:
+        data.pop(key, None)
     if identities is not None:
         data["base"] = identities[recipe.base]
         for source in data["sources"]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 from raymerge.dtypes import RECIPE_TO_CODE
@@ -12,6 +13,7 @@ from raymerge.errors import ClusterLostError, RaymergeError, RecipeError
 from raymerge.execute import MergeJob
 from raymerge.factor_cache import FactorCacheSpec
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
+from raymerge.layout import SliceJob, block_stacks, relayered_config, slice_jobs
 from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of
 from raymerge.methods.calibrated import SVC_PAPER
 from raymerge.output.card import model_card
@@ -33,9 +35,10 @@ from raymerge.output.staging import (
 )
 from raymerge.output.stats_table import STATS_NAME, manifest_stats, write_stats_table
 from raymerge.output.tokenizer import extended_tokenizer_json, write_tokenizer
-from raymerge.plan import Plan, check_fits, make_plan
+from raymerge.plan import Plan, check_fits, combine_plans, make_plan
 from raymerge.progress import MergeProgress
 from raymerge.recipe import Recipe
+from raymerge.settings import MethodSettings
 from raymerge.sources import Checkpoint, resolve_checkpoint, validate_sources
 from raymerge.sources.tokenizer_files import ChatTemplate
 from raymerge.sources.vocabularies import (
@@ -61,6 +64,7 @@ class Prepared:
     tokenizer_directory: Path | None = None  # whose tokenizer files the output takes
     tokenizer_json: str | None = None  # the base's tokenizer.json with the union's new tokens
     chat_template: ChatTemplate | None = None
+    slices: list[SliceJob] | None = None  # the layout's slices, when the recipe changes it
 
 
 @dataclass
@@ -77,6 +81,8 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     sources = [resolve_checkpoint(source.path, allow_pickle, storage=recipe.storage)
                for source in recipe.sources]
     validate_sources(base, sources, vocabularies_may_differ=recipe.tokenizer is not None)
+    slices = slice_jobs(recipe, {recipe.base: base, **{
+        spec.path: checkpoint for spec, checkpoint in zip(recipe.sources, sources)}})
     spec = recipe.tokenizer
     vocabulary = output_vocabulary(base, sources, spec.source if spec else None,
                                    spec.pad_to_multiple_of if spec else None)
@@ -88,32 +94,39 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     check_output_path(target, [base.directory, *(source.directory for source in sources)])
     _device(recipe)  # refuse a device the resources cannot give, before planning
     passes, state_tensors = footprint(recipe.method.name, recipe.svc_alpha() is not None)
-    plan = make_plan(
-        base,
-        sources,
+    planned = partial(
+        make_plan,
         output_dtype=RECIPE_TO_CODE[recipe.output.dtype] if recipe.output.dtype else None,
         compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
         passes=passes,
         state_tensors=state_tensors,
-        reindexing=vocabulary.reindexing if vocabulary else None,
     )
-    _check_method(recipe, plan, len(sources))
+    if slices is None:
+        plan = planned(base, sources, reindexing=vocabulary.reindexing if vocabulary else None)
+        _check_method(recipe.method, plan.tensors, len(sources), _options(recipe))
+    else:  # each slice planned on its views, merged slices checked with their settings
+        plans = [planned(job.base, job.sources) for job in slices]
+        for job, slice_plan in zip(slices, plans):
+            if not job.copied:
+                _check_method(job.method, slice_plan.tensors, len(job.sources), _options(recipe))
+        plan = combine_plans(plans, len(sources))
     for unit in plan.units:  # refuse a task memory the largest unit cannot fit in
         check_fits(unit, recipe.runtime.memory)
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan,
                     vocabulary=vocabulary, tokenizer_directory=tokenizer_directory,
-                    tokenizer_json=tokenizer_json, chat_template=chat_template)
+                    tokenizer_json=tokenizer_json, chat_template=chat_template, slices=slices)
 
 
-def _check_method(recipe: Recipe, plan: Plan, num_sources: int) -> None:
+def _check_method(settings: MethodSettings, tensors, num_sources: int,
+                  options: MergeOptions) -> None:
     """The method's own refusals (K or N too large for a matrix's rank, ...), per tensor with
     the settings resolved for it: before any tensor is read."""
-    method, options = METHODS[recipe.method.name], _options(recipe)
-    for tensor in plan.tensors:
+    method = METHODS[settings.name]
+    for tensor in tensors:
         if tensor.copied:  # integer tensors are copied, never merged
             continue
-        settings = recipe.method.at(tensor.name, tensor.layer_position)
-        method.check(settings, {tensor.name: tensor.shape}, num_sources, options)
+        method.check(settings.at(tensor.name, tensor.layer_position),
+                     {tensor.name: tensor.shape}, num_sources, options)
 
 
 def run_merge(prepared: Prepared, address: str | None = None, show_progress: bool = True
@@ -136,7 +149,10 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     staging = Staging(prepared.target)
     with ray_session(address) as session:
         runtime = resolve_runtime(recipe.runtime, node_resources(), plan.peak_bytes)
-        job = replace(_job(prepared), device=_device(recipe, runtime))
+        device = _device(recipe, runtime)
+        jobs = _jobs(prepared)
+        job = [replace(one, device=device) for one in jobs] if isinstance(jobs, list) \
+            else replace(jobs, device=device)
         check_task_fits_cluster(runtime)
         refuse_concurrent_writer(staging.path)  # before touching another merge's directory
         hasher = SourceHasher([prepared.base, *prepared.sources])
@@ -147,10 +163,12 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
                                                         runtime, show_progress)
             summary = _summary(plan, unit_stats, seconds) | {
                 "resumed_units": resumed, "cluster": session.address,
-                "private_cluster": session.private, "device": job.device,
+                "private_cluster": session.private, "device": device,
                 "num_gpus": runtime.num_gpus, "max_in_flight": runtime.max_in_flight}
             if prepared.vocabulary is not None:
                 summary["vocabulary"] = prepared.vocabulary.summary()
+            if recipe.no_effect:
+                summary["no_effect"] = dict(recipe.no_effect)
             hashes = hasher.result()
             summary["submission_id"] = submission_id(recipe, identities_of(prepared))
             with disk_errors(directory, "writing metadata"):
@@ -172,6 +190,17 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
                                             commit_message(prepared, summary),
                                             private=recipe.output.private)
     return MergeResult(output=prepared.target, plan=plan, summary=summary)
+
+
+def _jobs(prepared: Prepared) -> MergeJob | list[MergeJob]:
+    """The merge's job, or with slices one per slice (units name theirs by index)."""
+    job = _job(prepared)
+    if prepared.slices is None:
+        return job
+    # a view's tensor names are the output's: never from, nor into, the per-source cache
+    return [replace(job, base=s.base, sources=s.sources, weights=s.weights,
+                    source_parameters=s.parameters, method=s.method, copy=s.copied,
+                    copy_scale=s.scale, factor_cache=None) for s in prepared.slices]
 
 
 def _job(prepared: Prepared) -> MergeJob:
@@ -224,8 +253,8 @@ def _factor_cache(prepared: Prepared) -> FactorCacheSpec | None:
     )
 
 
-def _merge_units(job: MergeJob, plan: Plan, layout, directory: Path, key: str, runtime,
-                 show_progress: bool) -> tuple[list[dict], float, int]:
+def _merge_units(job: MergeJob | list[MergeJob], plan: Plan, layout, directory: Path, key: str,
+                 runtime, show_progress: bool) -> tuple[list[dict], float, int]:
     """Every unfinished unit through the Ray tasks into the writer actor; (unit statistics,
     seconds, units resumed from the progress log)."""
     import ray
@@ -308,6 +337,11 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     token_ids = vocabulary.moved_ids.get if reindexed and vocabulary.moved_ids else None
     write_config(base.directory, directory, {t.output_dtype for t in prepared.plan.tensors},
                  vocabulary_rows=vocabulary.rows if reindexed else None, token_ids=token_ids)
+    if prepared.slices is not None and (directory / "config.json").exists():
+        (layer_count,) = map(len, block_stacks(base).values())
+        config = relayered_config(json.loads((directory / "config.json").read_text()),
+                                  layer_count, [n for s in prepared.slices for n in s.layers])
+        (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tokenizer_files = write_tokenizer(directory, prepared.tokenizer_directory or base.directory,
                                       vocabulary, prepared.tokenizer_json, prepared.chat_template)
     copied = copy_checkpoint_files(base.directory, directory)
@@ -322,6 +356,8 @@ def _write_metadata(prepared: Prepared, directory: Path, layout, unit_stats: lis
     title, paper = method.title, method.paper
     if recipe.svc_alpha() is not None:
         title, paper = f"{title}, then SVC (α = {recipe.svc_alpha():g})", f"{paper}; {SVC_PAPER}"
+    if prepared.slices is not None and all(job.copied for job in prepared.slices):
+        title, paper = "passthrough: blocks copied from the layer ranges of slices", ""
     (directory / "README.md").write_text(model_card(recipe, revisions, summary, title, paper))
     tensor_stats = {}
     for stats in sorted(unit_stats, key=lambda s: s["unit"]):

@@ -1,5 +1,7 @@
 """A mergekit 0.1.5 YAML as a raymerge recipe. Every key of mergekit's configuration either has
-its effect here or is a one-line RecipeError naming it: none is dropped unread.
+its effect here, or is accepted and recorded in the recipe's `no_effect` (an option that changes
+nothing in mergekit's result either: `int8_mask`, ...), or is a one-line RecipeError naming it:
+none is dropped unread. `slices:` are mapped by raymerge.mergekit_slices.
 
 mergekit's methods map onto raymerge methods with the settings that reproduce them exactly
 (`MERGEKIT_METHODS`: mergekit's defaults written out where raymerge's differ); mergekit's
@@ -36,9 +38,11 @@ class MergekitMethod:
     settings: dict[str, Any] = field(default_factory=dict)  # raymerge settings always written
     defaults: dict[str, Any] = field(default_factory=dict)  # mergekit's defaults raymerge lacks
     sources: tuple[int, int | None] = (1, None)  # how many non-base models mergekit takes
+    # mergekit parameters that change nothing in its result: accepted, reported (NO_EFFECT)
+    no_effect: tuple[str, ...] = ()
 
 
-_GTA = dict(weight_required=True)
+_GTA = dict(weight_required=True, no_effect=("int8_mask",))
 MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "task_arithmetic": MergekitMethod("task_arithmetic", ("normalize", "lambda"), **_GTA),
     "ties": MergekitMethod("ties", ("normalize", "rescale", "lambda"), ("density",),
@@ -57,7 +61,7 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
                             **_GTA),
     "della_linear": MergekitMethod("della_linear", ("normalize", "rescale", "lambda"),
                                    ("density", "epsilon"), **_GTA),
-    "sce": MergekitMethod("sce", ("select_topk",), weights=False),
+    "sce": MergekitMethod("sce", ("select_topk",), weights=False, no_effect=("int8_mask",)),
     "linear": MergekitMethod("task_arithmetic", ("normalize",), base="symmetric",
                              weight_required=True),
     "slerp": MergekitMethod("slerp", ("t",), weights=False, sources=(1, 1)),
@@ -74,16 +78,15 @@ MERGEKIT_METHODS: dict[str, MergekitMethod] = {
     "ram": MergekitMethod("ram", ("epsilon",), weights=False),
     "ramplus_tl": MergekitMethod("ramplus_tl", ("r", "alpha", "epsilon"), weights=False),
 }
-REFUSED_METHODS = {
-    "passthrough": "merge_method passthrough copies one model's tensors (layer stacking, "
-                   "frankenmerges): a layout job, not a merge; raymerge merges whole models of "
-                   "one architecture tensor by tensor, use mergekit for it",
-}
-# mergekit parameters that change nothing in mergekit's result: said so, in one line
+# mergekit parameters that change nothing in mergekit's result: accepted, and reported by
+# `raymerge plan` and the merge summary as having no effect, with the reason
 NO_EFFECT = {
-    "int8_mask": "int8_mask only picks the dtype of mergekit's 0/1 masks (no effect on its result; "
-                 "raymerge's masks are 1-byte already): remove it",
+    "int8_mask": "it only picks the dtype of mergekit's 0/1 sign and keep masks (int8 or the "
+                 "deltas' dtype); a 0/1 factor is exact in either, so mergekit's result is the "
+                 "same bytes with or without it",
 }
+BASE_PARAMETERS = ("mergekit resolves no per-model parameter for base_model in {method}: the base "
+                   "is not one of the merged task vectors")
 
 
 def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
@@ -92,29 +95,32 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
     if unknown:
         raise RecipeError(f"{origin}: {unknown[0]!r} is not a key of a mergekit 0.1.5 "
                           f"configuration (they are: {', '.join(sorted(TOP_LEVEL))}); fix it")
-    for layout_key in ("slices", "modules"):
-        if data.get(layout_key) is not None:
-            raise RecipeError(
-                f"{origin}: {layout_key} (layer ranges or modules taken from each model) change "
-                "the model's layout; raymerge merges whole models tensor by tensor: use models: "
-                "(or mergekit for layer stacking)")
+    if data.get("modules") is not None:
+        raise RecipeError(
+            f"{origin}: modules (a separate models: or slices: per module of a multimodal "
+            "model) are not supported; raymerge merges every module of the models alike: use "
+            "models: (or mergekit for per-module recipes)")
     name = data.get("merge_method")
-    if isinstance(name, str) and name in REFUSED_METHODS:
-        raise RecipeError(f"{origin}: {REFUSED_METHODS[name]}")
+    if data.get("slices") is not None or name == "passthrough":
+        from raymerge.mergekit_slices import sliced_recipe
+
+        return sliced_recipe(data, origin)
     if not isinstance(name, str) or name not in MERGEKIT_METHODS:
         raise RecipeError(f"{origin}: merge_method {name!r} is not a mergekit 0.1.5 method "
                           f"raymerge knows; use one of {', '.join(sorted(MERGEKIT_METHODS))}")
     spec = MERGEKIT_METHODS[name]
+    notes: dict[str, str] = {}
+    data = _take_no_effect(origin, data, spec, notes)
     models = data.get("models")
     if not isinstance(models, list) or not models:
         raise RecipeError(f"{origin}: models: give at least one model")
     entries = [_model_entry(origin, index, entry) for index, entry in enumerate(models)]
-    base = _model_path(origin, "base_model", data["base_model"], allow_lora=False) \
+    base = model_reference(origin, "base_model", data["base_model"], allow_lora=False) \
         if data.get("base_model") is not None else None
     top = _parameters(origin, "parameters", data.get("parameters"), spec, shared=True)
     if "weight" in top:  # checked here too: a weight every model sets itself is not used below
         _check_weight(origin, "parameters.weight", top["weight"])
-    base, sources, base_weight = _roles(origin, name, spec, base, entries)
+    base, sources, base_weight = _roles(origin, name, spec, base, entries, notes)
     method = {"name": spec.method, **spec.settings, **_method_values(spec, top, name)}
     if base_weight is not None:
         method["base_weight"] = base_weight
@@ -123,13 +129,45 @@ def recipe_from_mergekit(data: dict[str, Any], origin: Path) -> dict[str, Any]:
         for index, (path, params) in sources]}
     if name == "linear":
         recipe["sources"] = _linear_weights(origin, entries, recipe["sources"], top)
-    recipe |= _dtypes(origin, data)
-    recipe |= _vocabulary(origin, data)
+    recipe |= dtype_keys(origin, data)
+    recipe |= vocabulary_keys(origin, data)
+    if notes:
+        recipe["no_effect"] = notes
     return recipe
 
 
+def _take_no_effect(origin: Path, data: dict, spec: MergekitMethod, notes: dict[str, str]
+                    ) -> dict:
+    """`data` without the parameters that have no effect in mergekit (int8_mask, ...), each
+    recorded in `notes` (where -> its value and why it has none); a value mergekit would not
+    take either is an error."""
+    data = dict(data)
+
+    def taken(where: str, params: Any) -> Any:
+        if not isinstance(params, dict):
+            return params  # refused later, with the mapping's message
+        kept = dict(params)
+        for key in spec.no_effect:
+            if key in kept:
+                value = kept.pop(key)
+                if not isinstance(value, bool):
+                    raise RecipeError(f"{origin}: {where}.{key}: expected true or false, got "
+                                      f"{value!r}")
+                notes[f"{where}.{key}"] = f"{str(value).lower()}: {NO_EFFECT[key]}"
+        return kept
+
+    if data.get("parameters") is not None:
+        data["parameters"] = taken("parameters", data["parameters"])
+    if isinstance(data.get("models"), list):
+        data["models"] = [
+            {**entry, "parameters": taken(f"models.{index}.parameters", entry["parameters"])}
+            if isinstance(entry, dict) and entry.get("parameters") is not None else entry
+            for index, entry in enumerate(data["models"])]
+    return data
+
+
 def _roles(origin: Path, name: str, spec: MergekitMethod, base: str | None,
-           entries: list[tuple[int, str, dict]]):
+           entries: list[tuple[int, str, dict]], notes: dict[str, str]):
     """(base, [(model index, (source path, its parameters))], base_weight), with mergekit's
     roles: a base-aware method's base_model is not one of its merged models (a listed one is
     dropped); for linear and karcher every model is a point of the merge, base_model among them
@@ -161,10 +199,10 @@ def _roles(origin: Path, name: str, spec: MergekitMethod, base: str | None,
     sources = []
     for index, path, params in entries:
         if path == base and spec.base != "symmetric":
-            if params:
-                raise RecipeError(
-                    f"{origin}: models.{index}.parameters: the parameters of base_model have no "
-                    f"effect in {name} (mergekit does not use them either); remove them")
+            _parameters(origin, f"models.{index}.parameters", params, spec, shared=False)
+            for key, value in params.items():  # checked, then reported: mergekit reads none
+                notes[f"models.{index}.parameters.{key}"] = \
+                    f"{value!r}: {BASE_PARAMETERS.format(method=name)}"
             continue
         sources.append((index, (path, params)))
     low, high = spec.sources
@@ -183,11 +221,11 @@ def _model_entry(origin: Path, index: int, entry: Any) -> tuple[int, str, dict]:
     if extra:
         raise RecipeError(f"{origin}: models.{index}.{extra[0]}: not a key of a mergekit model "
                           "entry (model, parameters)")
-    path = _model_path(origin, f"models.{index}.model", entry["model"], allow_lora=True)
+    path = model_reference(origin, f"models.{index}.model", entry["model"], allow_lora=True)
     return index, path, _mapping(origin, f"models.{index}.parameters", entry.get("parameters"))
 
 
-def _model_path(origin: Path, where: str, reference: Any, allow_lora: bool) -> str:
+def model_reference(origin: Path, where: str, reference: Any, allow_lora: bool) -> str:
     """A mergekit ModelReference: 'path[@revision][+lora]' or {model: {path, revision}, lora}."""
     if isinstance(reference, dict):
         unknown = sorted(set(map(str, reference)) - {"model", "lora"})
@@ -241,8 +279,6 @@ def _parameters(origin: Path, where: str, value: Any, spec: MergekitMethod,
     params = _mapping(origin, where, value)
     allowed = set(spec.shared) | set(spec.per_model) | ({"weight"} if spec.weights else set())
     for key in params:
-        if key in NO_EFFECT:
-            raise RecipeError(f"{origin}: {where}.{key}: {NO_EFFECT[key]}")
         if key not in allowed:
             takes = ", ".join(sorted(allowed)) or "no parameters"
             raise RecipeError(f"{origin}: {where}.{key}: not a parameter of mergekit's "
@@ -348,7 +384,7 @@ def _linear_weights(origin: Path, entries, sources: list[dict], top: dict) -> li
             for source, weight in zip(sources, weights[1:])]
 
 
-def _dtypes(origin: Path, data: dict) -> dict:
+def dtype_keys(origin: Path, data: dict) -> dict:
     """out_dtype (else dtype) is the output's dtype; dtype float64 computes in float64. Lower
     precisions compute in float32 in raymerge (mergekit computes in them)."""
     result: dict[str, Any] = {}
@@ -365,7 +401,7 @@ def _dtypes(origin: Path, data: dict) -> dict:
     return result
 
 
-def _vocabulary(origin: Path, data: dict) -> dict:
+def vocabulary_keys(origin: Path, data: dict) -> dict:
     """tokenizer_source / tokenizer / chat_template onto the recipe's tokenizer and
     chat_template keys."""
     result: dict[str, Any] = {}
@@ -374,7 +410,7 @@ def _vocabulary(origin: Path, data: dict) -> dict:
         raise RecipeError(f"{origin}: give tokenizer_source or tokenizer, not both (mergekit "
                           "refuses both too)")
     if source is not None:
-        result["tokenizer"] = {"source": _model_path(origin, "tokenizer_source", source,
+        result["tokenizer"] = {"source": model_reference(origin, "tokenizer_source", source,
                                                      allow_lora=False)}
     if tokenizer is not None:
         tokenizer = _mapping(origin, "tokenizer", tokenizer)
@@ -386,7 +422,7 @@ def _vocabulary(origin: Path, data: dict) -> dict:
             raise RecipeError(f"{origin}: tokenizer.tokens (an embedding source per token) is not "
                               "supported: a token new to the base takes the mean of the rows of "
                               "the sources that have it; remove tokens")
-        result["tokenizer"] = {"source": _model_path(origin, "tokenizer.source",
+        result["tokenizer"] = {"source": model_reference(origin, "tokenizer.source",
                                                      tokenizer.get("source", "union"),
                                                      allow_lora=False)}
         if tokenizer.get("pad_to_multiple_of") is not None:
@@ -396,9 +432,13 @@ def _vocabulary(origin: Path, data: dict) -> dict:
         if not isinstance(template, str):
             raise RecipeError(f"{origin}: chat_template: expected a string, got {template!r}")
         if "{" not in template and template != "auto":
-            raise RecipeError(
-                f"{origin}: chat_template {template!r} names one of mergekit's bundled templates; "
-                "raymerge does not ship them: give the Jinja text, a model's path (its template) "
-                "or auto")
+            from raymerge.chat_templates import NAMES, named_template
+
+            text = named_template(template)
+            if text is None:  # mergekit: "Invalid chat template"
+                raise RecipeError(
+                    f"{origin}: chat_template {template!r} is none of mergekit's bundled "
+                    f"templates ({', '.join(NAMES)}), auto, or a Jinja template; fix it")
+            template = text
         result["chat_template"] = template
     return result

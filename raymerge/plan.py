@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from raymerge.dtypes import ITEM_SIZES, is_integer_code
@@ -49,6 +49,7 @@ class WorkUnit:
     output_bytes: int
     peak_bytes: int  # estimated peak memory of the task that merges it
     peak_tensor: str = ""  # the tensor whose merge sets that peak
+    job: int = 0  # which merge (a slice of the layout) the unit belongs to
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,15 @@ def make_plan(
     return Plan(units=tuple(units), num_sources=len(sources))
 
 
+def combine_plans(plans: list[Plan], num_sources: int) -> Plan:
+    """The plans of a layout's slices as one: units in checkpoint order of their first tensor,
+    numbered again, each with the index of its slice; `num_sources`: the recipe's."""
+    units = [replace(unit, job=job) for job, plan in enumerate(plans) for unit in plan.units]
+    units.sort(key=lambda unit: natural_key(unit.tensors[0].name))
+    return Plan(units=tuple(replace(unit, index=index) for index, unit in enumerate(units)),
+                num_sources=num_sources)
+
+
 def _pack_loose(base: Checkpoint, names: list[str], target: int) -> list[tuple[str, list[str]]]:
     """Tensors outside blocks (embeddings, final norm, head) in units of at most `target` bytes;
     a bigger tensor gets a unit of its own."""
@@ -152,7 +162,7 @@ def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_t
     working, peak_tensor = max(
         (2 * tensor.output_bytes if tensor.copied else
          tensor.numel * compute_itemsize * (2 + state_tensors)
-         + max(source.nbytes_of(tensor.name) for source in sources), tensor.name)
+         + max((source.nbytes_of(tensor.name) for source in sources), default=0), tensor.name)
         for tensor in tensors
     )
     return WorkUnit(

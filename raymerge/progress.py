@@ -35,6 +35,7 @@ def format_summary(summary: dict, output: str) -> str:
     return "\n".join([
         f"merged {summary['num_sources']} sources into {output}",
         *_vocabulary_lines(summary.get("vocabulary")),
+        *no_effect_lines(summary.get("no_effect")),
         *_listed("copied tensors", summary.get("copied_tensors"), "(integer, as in the base)"),
         *_listed("files copied", summary.get("copied_files"), "(from the base)"),
         f"  time                 {summary['seconds']:.1f} s "
@@ -71,6 +72,12 @@ def format_vocabulary(vocabulary: dict) -> str:
     for label, count in vocabulary["dropped_tokens"].items():
         text += f"; {count} tokens of {label} dropped"
     return text
+
+
+def no_effect_lines(no_effect: dict[str, str] | None) -> list[str]:
+    """The mergekit options a recipe gave that change nothing, one line each with the reason."""
+    return [f"  accepted, no effect in raymerge: {where} = {why}"
+            for where, why in (no_effect or {}).items()]
 
 
 def _vocabulary_lines(vocabulary: dict | None) -> list[str]:

@@ -141,9 +141,27 @@ class TokenizerSpec(StrictModel):
     pad_to_multiple_of: int | None = Field(None, ge=1)
 
 
+class SliceSource(StrictModel):
+    path: str  # the base or a source, as written in the recipe
+    layer_range: tuple[int, int]  # [start, end): the blocks this slice takes from it
+    weight: Varying[float] | None = None  # this slice's weight (else the source's)
+    parameters: dict[str, Any] = Field(default_factory=dict)  # over the source's own
+
+
+class SliceSpec(StrictModel):
+    """Output blocks taken from the same layer range of each listed checkpoint (mergekit's
+    `slices`), in order. One checkpoint: its blocks are copied (mergekit's passthrough).
+    Several: merged by the recipe's method onto the slice's base (which is one of them), with
+    this slice's method keys over the recipe's."""
+
+    sources: list[SliceSource] = Field(min_length=1)
+    base: str | None = None  # the slice's base; the recipe's when absent
+    method: dict[str, Any] = Field(default_factory=dict)
+
+
 class Recipe(StrictModel):
     base: str
-    sources: list[SourceSpec] = Field(min_length=1)
+    sources: list[SourceSpec] = Field(default_factory=list)  # ≥ 1 unless slices copy blocks
     method: SerializeAsAny[MethodSettings] = Field(
         default_factory=lambda: {"name": DEFAULT_METHOD}, validate_default=True)
     calibrate: CalibrateSpec | None = None
@@ -155,6 +173,12 @@ class Recipe(StrictModel):
     # the output's chat template: "base", "auto" (the most common one), a source's path as
     # written, or a Jinja template
     chat_template: str | None = None
+    # the output's blocks as layer ranges of the checkpoints (mergekit's slices); absent: the
+    # base's blocks, each merged
+    slices: list[SliceSpec] | None = None
+    # options written in a mergekit recipe that change nothing in its result: where -> the
+    # value and why (accepted, and reported by `raymerge plan` and the merge summary)
+    no_effect: dict[str, str] = Field(default_factory=dict)
     # where models in object stores are and how to reach them (never credentials)
     storage: StorageSettings | None = None
 
@@ -169,6 +193,12 @@ class Recipe(StrictModel):
     @classmethod
     def _method_settings(cls, value: Any) -> MethodSettings:
         return method_settings(value)
+
+    @model_validator(mode="after")
+    def _some_source(self) -> Recipe:
+        if not self.sources and not self.slices:
+            raise ValueError("sources: List should have at least 1 item")
+        return self
 
     @model_validator(mode="after")
     def _source_parameters(self) -> Recipe:

@@ -13,6 +13,17 @@ DEFAULT_EXCLUDE = ["embed_tokens", "lm_head", "wte", "wpe", "embeddings"]
 BLOCK_PATTERN = re.compile(r"^(?P<block>(?:.*?\.)?(?:layers|layer|h|blocks|block)\.\d+)\.")
 
 
+# Tensors outside the blocks that come after them (final norm, output head), as mergekit's
+# post-layer weights: with slices they come from the last slice, the others from the first.
+AFTER_BLOCKS_PATTERN = re.compile(
+    r"(?:^|\.)(?:norm|norm_f|final_norm|final_layernorm|final_layer_norm|ln_f|lm_head|"
+    r"embed_out|output|output_layer)\.(?:weight|bias)$")
+
+
+def is_after_blocks(tensor_name: str) -> bool:
+    return block_of(tensor_name) is None and AFTER_BLOCKS_PATTERN.search(tensor_name) is not None
+
+
 # Tensors indexed by token id (input embeddings, output heads and their biases): the modules
 # whose `.weight` / `.bias` they are, matched at the end of the name. The vocabulary axis is then
 # the dimension whose size is the checkpoint's vocabulary (raymerge.vocabulary).

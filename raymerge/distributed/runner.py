@@ -23,27 +23,29 @@ def merge_unit_on_node(job: MergeJob, unit: WorkUnit):
 
 
 def run_units(
-    job: MergeJob,
+    job: MergeJob | list[MergeJob],
     units: list[WorkUnit],
     writer,
     runtime: RuntimeSpec,
     on_unit_done: Callable[[dict], None],
 ) -> None:
-    """Submit units in the given order; call `on_unit_done(stats)` as each one is written."""
+    """Submit units in the given order; call `on_unit_done(stats)` as each one is written.
+    With a list of jobs (the slices of a layout), each unit runs with `job[unit.job]`."""
     merge_unit_remote = ray.remote(merge_unit_on_node).options(
         num_returns=2,
         num_cpus=runtime.num_cpus,
         num_gpus=runtime.num_gpus,
         memory=runtime.memory,
     )
-    job_ref = ray.put(job)
+    job_refs = [ray.put(each) for each in (job if isinstance(job, list) else [job])]
     queue = deque(units)
     merging: dict[ray.ObjectRef, ray.ObjectRef] = {}  # stats ref -> tensors ref
     writing: dict[ray.ObjectRef, dict] = {}  # writer call -> stats
     try:
         while queue or merging or writing:
             while queue and len(merging) + len(writing) < runtime.max_in_flight:
-                stats_ref, tensors_ref = merge_unit_remote.remote(job_ref, queue.popleft())
+                unit = queue.popleft()
+                stats_ref, tensors_ref = merge_unit_remote.remote(job_refs[unit.job], unit)
                 merging[stats_ref] = tensors_ref
             [ready], _ = ray.wait([*merging, *writing], num_returns=1)
             if ready in merging:

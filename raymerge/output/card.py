@@ -31,13 +31,12 @@ def model_card(recipe: Recipe, revisions: dict[str, str | None], summary: dict,
         lines.append(f"| `{source.path}` | {revisions.get(source.path) or 'local'} | "
                      f"{shown(source.weight)} |")
     described = method.described()
-    lines += [
+    lines += [  # without a paper, nothing was merged (slices copied): no method to describe
         "",
         f"Method: {title} (`{method.name}`), scale λ = {shown(method.scale)}"
-        + (f"; {described}" if described else "") + ".",
+        + (f"; {described}" if described else "") + "." if paper else f"Method: {title}.",
         "",
-        f"Reference: {paper}.",
-        "",
+        *([f"Reference: {paper}.", ""] if paper else []),
         f"Merged {summary['num_tensors']} tensors in {summary['seconds']:.1f} s.",
         "The full recipe is in `raymerge_recipe.yaml`; source hashes and per-tensor statistics are"
         " in `raymerge_manifest.json`.",
