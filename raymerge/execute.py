@@ -104,6 +104,9 @@ def _merge_unit_on(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[
     tensor_stats: dict[str, dict[str, Any]] = {}
     range_cache = (os.path.join(job.source_cache[0], f"unit-{unit.index}-{os.getpid()}"),
                    job.source_cache[1]) if job.source_cache else None
+    on_gpu = torch.device(job.device).type == "cuda"
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(job.device)
     with PeakMemory() as memory, torch.inference_mode(), \
             TensorReader(job.device, source_cache=range_cache) as reader:
         cache = FactorCache(job.factor_cache) if job.factor_cache else None
@@ -141,6 +144,8 @@ def _merge_unit_on(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[
         "read_bytes": unit.read_bytes,
         "seconds": time.perf_counter() - started,
         "peak_bytes": memory.peak_bytes,
+        "peak_device_bytes": torch.cuda.max_memory_allocated(job.device) if on_gpu else 0,
+        "peak_bytes_estimated": unit.peak_bytes,
         "tensors": tensor_stats,
         "factor_cache_hits": cache.hits if cache else 0,
         "factor_cache_misses": cache.misses if cache else 0,

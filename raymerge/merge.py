@@ -138,7 +138,9 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     merge that fails on bad input removes its staging directory."""
     from raymerge.distributed.cluster import ray_session
     from raymerge.distributed.resources import (
+        check_device_memory,
         check_task_fits_cluster,
+        gpu_memory_per_task,
         node_resources,
         resolve_runtime,
     )
@@ -150,6 +152,9 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     with ray_session(address) as session:
         runtime = resolve_runtime(recipe.runtime, node_resources(), plan.peak_bytes)
         device = _device(recipe, runtime)
+        if device == "cuda":
+            check_device_memory(plan.units, gpu_memory_per_task(runtime.num_gpus),
+                                runtime.num_gpus)
         jobs = _jobs(prepared)
         job = [replace(one, device=device) for one in jobs] if isinstance(jobs, list) \
             else replace(jobs, device=device)
@@ -314,6 +319,8 @@ def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
         "read_bytes_per_second": plan.read_bytes / seconds if seconds > 0 else 0.0,
         "peak_task_bytes_measured": max(stats["peak_bytes"] for stats in unit_stats),
         "peak_task_bytes_estimated": plan.peak_bytes,
+        "peak_device_bytes_measured": max(stats.get("peak_device_bytes", 0)
+                                          for stats in unit_stats),
         "task_seconds_total": sum(stats["seconds"] for stats in unit_stats),
         "nodes": len({stats["node"] for stats in unit_stats}),
         "factor_cache_hits": sum(stats.get("factor_cache_hits", 0) for stats in unit_stats),

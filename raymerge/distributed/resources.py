@@ -110,3 +110,30 @@ def resolve_runtime(runtime, nodes: list[Bundle], task_bytes: int):
             slots += min(counts) if counts else 0
         max_in_flight = max(1, slots) + 1
     return runtime.model_copy(update={"num_gpus": num_gpus, "max_in_flight": max_in_flight})
+
+
+def gpu_memory_per_task(num_gpus: float) -> int:
+    """The device memory one task gets: a GPU's total (asked of a task scheduled on one) times
+    its share of it (num_gpus below 1 packs several tasks on a GPU)."""
+    import ray
+
+    def total_memory() -> int:
+        import torch
+
+        return torch.cuda.mem_get_info()[1]
+
+    probe = ray.remote(total_memory).options(num_gpus=num_gpus, num_cpus=0)
+    return int(ray.get(probe.remote()) * min(1.0, num_gpus))
+
+
+def check_device_memory(units, device_bytes: int, num_gpus: float) -> None:
+    """ClusterError naming the first unit whose estimated peak (its working set, on the device
+    when tasks merge on a GPU) is more than a task's share of the GPU, before any work."""
+    for unit in units:
+        if unit.peak_bytes > device_bytes:
+            share = "a whole GPU" if num_gpus >= 1 else f"{num_gpus:g} of a GPU"
+            raise ClusterError(
+                f"unit {unit.name} needs about {format_size(unit.peak_bytes)} of GPU memory "
+                f"(merging {unit.peak_tensor}) and a task gets {format_size(device_bytes)} "
+                f"({share}); raise runtime.num_gpus (fewer tasks per GPU), or merge this "
+                "recipe on the CPU (runtime.device: cpu)")

@@ -77,3 +77,22 @@ def test_a_node_with_a_gpu_gets_one_task_per_gpu(ray_cluster, float32_family, tm
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert (summary["num_gpus"], summary["max_in_flight"], summary["device"]) == (1.0, 2, "cpu")
+
+
+def test_a_unit_larger_than_a_tasks_share_of_the_gpu_is_refused_in_one_line(float32_family):
+    import re
+
+    import pytest
+
+    from raymerge.distributed.resources import check_device_memory
+    from raymerge.errors import ClusterError
+    from raymerge.merge import prepare
+    from raymerge.recipe import recipe_from_dict
+
+    plan = prepare(recipe_from_dict({"base": str(float32_family["base"]),
+                                     "sources": [str(float32_family["sources"][0])]})).plan
+    largest = max(plan.units, key=lambda unit: unit.peak_bytes)
+    check_device_memory(plan.units, largest.peak_bytes, 1)  # fits exactly
+    with pytest.raises(ClusterError, match=f"unit {re.escape(largest.name)} needs about .* of GPU "
+                                           r"memory .*\(0.25 of a GPU\); raise runtime.num_gpus"):
+        check_device_memory(plan.units, largest.peak_bytes - 1, 0.25)
