@@ -152,13 +152,13 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
     with ray_session(address) as session:
         runtime = resolve_runtime(recipe.runtime, node_resources(), plan.peak_bytes)
         device = _device(recipe, runtime)
-        if device == "cuda":
-            check_device_memory(plan.units, gpu_memory_per_task(runtime.num_gpus),
-                                runtime.num_gpus)
         jobs = _jobs(prepared)
         job = [replace(one, device=device) for one in jobs] if isinstance(jobs, list) \
             else replace(jobs, device=device)
-        check_task_fits_cluster(runtime)
+        check_task_fits_cluster(runtime)  # before anything waits for the cluster's resources
+        if device == "cuda":
+            check_device_memory(plan.units, gpu_memory_per_task(runtime.num_gpus),
+                                runtime.num_gpus)
         refuse_concurrent_writer(staging.path)  # before touching another merge's directory
         hasher = SourceHasher([prepared.base, *prepared.sources])
         try:
