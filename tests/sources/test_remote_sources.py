@@ -45,6 +45,7 @@ def in_s3(s3_server, float32_family, tmp_path_factory) -> dict:
 
 def recipe_pair(in_s3: dict, tmp_path: Path, names: list[str], extra: dict) -> tuple[Path, Path]:
     """The same recipe twice: from S3, and from the local directories."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     paths = []
     for where in ("uri", "local"):
         recipe = {"base": str(in_s3[where]["base"]),
@@ -82,40 +83,6 @@ def test_the_driver_reads_only_metadata(in_s3, s3_recorder, tmp_path):
     assert weights >= 3  # the headers were read by range
 
 
-def test_merges_from_s3_equal_the_local_ones_and_fetch_each_range_once(ray_cluster, in_s3,
-                                                                        tmp_path):
-    cache = tmp_path / "node-cache"
-    s3_recipe, local_recipe = recipe_pair(in_s3, tmp_path, ["ft-0", "ft-1", "ft-2"], {
-        "method": {"name": "axis", "k": 6}, "calibrate": {"svc": {"alpha": "auto"}},
-        "runtime": {"source_cache": str(cache)}})
-    assert main(["merge", str(s3_recipe), "--no-progress"]) == 0
-    assert main(["merge", str(local_recipe), "--no-progress"]) == 0
-    assert_same_tensors(tmp_path / "out-uri", tmp_path / "out-local")
-    summary = manifest(tmp_path / "out-uri")["summary"]
-    prepared = prepare(load_recipe(s3_recipe))
-    every_byte_once = prepared.base.nbytes + sum(s.nbytes for s in prepared.sources)
-    # AXIS+SVC passes over the sources twice; the node-local cache serves the second pass
-    assert summary["read_bytes"] > every_byte_once
-    assert sum(summary["fetched_bytes_by_node"].values()) == every_byte_once
-    assert not any(cache.iterdir())  # each unit's cache is gone with the unit
-    source = manifest(tmp_path / "out-uri")["sources"][0]
-    assert source["directory"] is None and all(
-        "etag" in facts or "version" in facts for facts in source["files"].values())
-
-
-def test_ties_with_a_lora_adapter_in_s3(ray_cluster, in_s3, tmp_path):
-    s3_recipe, local_recipe = recipe_pair(in_s3, tmp_path, ["ft-0", "lora", "ft-1"], {
-        "method": {"name": "ties", "density": 0.5}})
-    assert main(["merge", str(s3_recipe), "--no-progress"]) == 0
-    assert main(["merge", str(local_recipe), "--no-progress"]) == 0
-    assert_same_tensors(tmp_path / "out-uri", tmp_path / "out-local")
-    summary = manifest(tmp_path / "out-uri")["summary"]
-    prepared = prepare(load_recipe(s3_recipe))
-    full = [s for s in prepared.sources if not hasattr(s, "targets")]
-    assert sum(summary["fetched_bytes_by_node"].values()) == \
-        prepared.base.nbytes + sum(s.nbytes for s in full)  # one pass, the adapter apart
-
-
 @pytest.mark.parametrize("where, expected", [
     ("s3://no-such-bucket/base", "no-such-bucket"),
     ("s3://models/family/nothing-here", "nothing there"),
@@ -149,7 +116,7 @@ def test_a_wrong_secret_is_one_line_that_does_not_show_it(in_s3, tmp_path, capsy
     assert secret not in error and "credentials" in error
 
 
-# argv: recipe. A 2-node cluster whose nodes share nothing but S3: the merge's summary.
+# argv: recipes. A 2-node cluster whose nodes share nothing but S3: each merge's summary.
 _TWO_NODES = r"""
 import json, sys
 import ray
@@ -161,9 +128,10 @@ cluster = Cluster(initialize_head=True, head_node_args={
     "num_cpus": 1, "object_store_memory": 100 * 2**20, "include_dashboard": False})
 cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
 try:
-    result = run_merge(prepare(load_recipe(sys.argv[1])), address=cluster.address,
-                       show_progress=False)
-    print(json.dumps(result.summary))
+    for recipe in sys.argv[1:]:
+        result = run_merge(prepare(load_recipe(recipe)), address=cluster.address,
+                           show_progress=False)
+        print(json.dumps(result.summary))
 finally:
     ray.shutdown()
     cluster.shutdown()
@@ -171,17 +139,35 @@ finally:
 
 
 def test_two_nodes_that_share_only_s3(ray_cluster, in_s3, tmp_path):
-    s3_recipe, local_recipe = recipe_pair(in_s3, tmp_path, ["ft-0", "ft-1", "lora"], {
-        "method": {"name": "ties", "density": 0.5}, "runtime": {"max_in_flight": 4}})
-    run = subprocess.run([sys.executable, "-c", _TWO_NODES, str(s3_recipe)],
-                         capture_output=True, text=True, timeout=300)
+    """TIES with a LoRA adapter, and AXIS+SVC with the node-local source cache, from S3 on two
+    nodes: equal to the merges of the local directories; every node fetched its own ranges,
+    TIES (one pass) and AXIS+SVC (two passes, the second from the cache) each byte once."""
+    cache = tmp_path / "node-cache"
+    ties = recipe_pair(in_s3, tmp_path / "ties", ["ft-0", "ft-1", "lora"], {
+        "method": {"name": "ties", "density": 0.5}})
+    axis = recipe_pair(in_s3, tmp_path / "axis", ["ft-0", "ft-1", "ft-2"], {
+        "method": {"name": "axis", "k": 6}, "calibrate": {"svc": {"alpha": "auto"}},
+        "runtime": {"source_cache": str(cache)}})
+    run = subprocess.run([sys.executable, "-c", _TWO_NODES, str(ties[0]), str(axis[0])],
+                         capture_output=True, text=True, timeout=400)
     assert run.returncode == 0, run.stderr[-3000:]
-    summary = json.loads(run.stdout.strip().splitlines()[-1])
-    assert summary["nodes"] == 2
-    fetched = summary["fetched_bytes_by_node"]
-    assert len(fetched) == 2 and all(value > 0 for value in fetched.values())
-    assert main(["merge", str(local_recipe), "--no-progress"]) == 0
-    assert_same_tensors(tmp_path / "out-uri", tmp_path / "out-local")
+    summaries = [json.loads(line) for line in run.stdout.strip().splitlines()[-2:]]
+    for (s3_recipe, local_recipe), summary in zip((ties, axis), summaries):
+        assert summary["nodes"] == 2
+        fetched = summary["fetched_bytes_by_node"]
+        assert len(fetched) == 2 and all(value > 0 for value in fetched.values())
+        prepared = prepare(load_recipe(s3_recipe))
+        every_byte_once = prepared.base.nbytes + sum(
+            s.nbytes for s in prepared.sources if not hasattr(s, "targets"))  # adapters apart
+        assert sum(fetched.values()) == every_byte_once
+        assert main(["merge", str(local_recipe), "--no-progress"]) == 0
+        assert_same_tensors(s3_recipe.parent / "out-uri", local_recipe.parent / "out-local")
+    assert summaries[1]["read_bytes"] > prepared.base.nbytes + sum(
+        s.nbytes for s in prepared.sources)  # AXIS+SVC read the sources twice...
+    assert not any(cache.iterdir())  # ...the second time from each unit's cache, now gone
+    source = manifest(axis[0].parent / "out-uri")["sources"][0]
+    assert source["directory"] is None and all(
+        "etag" in facts or "version" in facts for facts in source["files"].values())
 
 
 def test_a_hub_repo_read_by_range(ray_cluster, hub_server, float32_family, monkeypatch,
