@@ -52,10 +52,12 @@ class StoreUnavailableError(ClusterLostError):
     """The store did not answer (timeouts, 5xx, throttling, resets) after every retry: not the
     input's fault, so a merge keeps its finished units and the same command resumes."""
 
-    def __init__(self, where: str, attempts: int, reason: str) -> None:
-        super().__init__(f"{where}: the store did not answer after {attempts} attempts "
-                         f"({reason}); once it is back,")
-        self.reason = reason
+    def __init__(self, message: str, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason  # the last error, for a message of the caller's own
+
+    def __reduce__(self):  # crosses from a Ray task to the driver with its reason
+        return type(self), (str(self), self.reason)
 
 
 class Transient(Exception):
@@ -75,7 +77,9 @@ def with_retries(what: Callable[[], T], where: str, attempts: int, first_wait: f
             return what()
         except Transient as error:
             if attempt == attempts:
-                raise StoreUnavailableError(where, attempts, str(error)) from None
+                raise StoreUnavailableError(
+                    f"{where}: the store did not answer after {attempts} attempts ({error}); "
+                    "once it is back,", str(error)) from None
             sleep(wait)
             wait = min(8.0, wait * 2)
     raise AssertionError("unreachable")

@@ -394,3 +394,8 @@ def use_hub(monkeypatch, server: HubServer, cache_dir: Path | None = None) -> No
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
                         server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    # huggingface_hub.model_info and the other module-level calls are methods of one HfApi made
+    # at import, whose endpoint was read then
+    from huggingface_hub import hf_api
+
+    monkeypatch.setattr(hf_api.api, "endpoint", server.endpoint)
