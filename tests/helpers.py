@@ -56,6 +56,22 @@ def assert_merged_close(actual: torch.Tensor, expected: torch.Tensor, name: str)
                                    msg=lambda detail: f"{name}: {detail}")
 
 
+def compare_with_float64(actual: torch.Tensor, expected: torch.Tensor, base: torch.Tensor,
+                         name: str, compute_dtype: str, errors: dict[str, float]) -> None:
+    """A float32-written merged weight against a float64 reference: a float64-compute merge
+    within one float32 step of the rounded reference (asserted here); a float32-compute one's
+    relative error on the delta, recorded in `errors` for the caller's tolerance."""
+    if compute_dtype == "float64":
+        rounded = expected.float()
+        one_step = (torch.nextafter(rounded, torch.tensor(float("inf"))) - rounded).abs()
+        off = (actual - rounded).abs()
+        assert bool((off <= one_step).all()), f"{name}: {float(off.max()):.2e} off"
+        return
+    expected_delta = expected - base.double()
+    errors[name] = float((actual.double() - expected).norm()) / max(
+        float(expected_delta.norm()), 1e-12)
+
+
 def axis_merge_of(family: dict, root: Path, sources: int, k: int) -> Path:
     """`raymerge merge` of the family's first `sources` fine-tunes with AXIS into root/merged."""
     from raymerge.cli import main

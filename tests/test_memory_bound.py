@@ -79,7 +79,7 @@ def _peak_added(base, sources, method: str, calibrate: str = "") -> dict:
     ("axis", "svc"), ("tsv", ""), ("iso_cts", "svc"),
     ("karcher", ""), ("model_stock", ""), ("ramplus_tl", ""),
     ("della", ""), ("sce", ""),  # DELLA's row ranks and draws; SCE's three passes
-    ("wudi", "svc"), ("star", ""),
+    ("wudi", "svc"), ("star", ""), ("ace", ""),
 ])
 def test_task_peak_memory_does_not_grow_with_sources(twelve_sources, method, calibrate):
     base, sources = twelve_sources

@@ -41,6 +41,7 @@ METHODS = {
     "axis": {"name": "axis", "k": 0.5},
     "wudi": {"name": "wudi"},
     "star": {"name": "star"},
+    "ace": {"name": "ace"},
 }
 # without SVC every λ is the λ = 1 merge scaled in memory (selection.py): a wide grid is cheap.
 # Iso-C / Iso-CTS flatten the spectrum to its mean, so their best λ is large (their papers

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .ace import Ace
 from .arcee_fusion import ArceeFusion
 from .axis import Axis
 from .base import COMMON_STATISTICS, MergeOptions, Method, MethodSettings, Statistic, TensorReport
@@ -56,6 +57,7 @@ METHODS: dict[str, type[Method]] = {method.name: method for method in (
     Sce,
     Wudi,
     Star,
+    Ace,
 )}
 
 
