@@ -66,6 +66,7 @@ class ReadRequest:
     ready: queue.Queue = field(default_factory=queue.Queue)  # Filled | error | END
     cancelled: bool = False
     done: bool = False  # the consumer has seen END (or an error)
+    inline: bool = False  # read by the consumer's thread as it asks, not ahead
 
 
 @dataclass
@@ -91,7 +92,10 @@ class Prefetcher:
         self.thread: threading.Thread | None = None
 
     def submit(self, request: ReadRequest) -> None:
-        """Read this request ahead: the consumer takes it next."""
+        """Read this request ahead: the consumer takes it next (an inline request is not read
+        ahead: it is read when taken)."""
+        if request.inline:
+            return
         self.queued.append(request)
         self._start(request)
 
@@ -111,7 +115,8 @@ class Prefetcher:
             if request.key == key:
                 return request
             self.abandon(request)
-        return self._start(make())
+        request = make()
+        return request if request.inline else self._start(request)
 
     def give_back(self, buffer: HostBuffer, pending: Callable[[], None] | None = None) -> None:
         buffer.pending = pending
@@ -129,6 +134,9 @@ class Prefetcher:
 
     def stream(self, request: ReadRequest) -> Iterator[Filled]:
         """The request's filled buffers in order; each must be given back by the caller."""
+        if request.inline:
+            yield from self._read_inline(request)
+            return
         try:
             while True:
                 item = request.ready.get()
@@ -155,6 +163,21 @@ class Prefetcher:
         while not self.free.empty():  # wait for copies still reading the buffers
             buffer = self.free.get()
             buffer.ready_for(0)
+
+    def _read_inline(self, request: ReadRequest) -> Iterator[Filled]:
+        """Each slice read when asked for, in the consumer's thread: on a CPU whose cores all
+        merge, a read thread only competes with them, and the slice is converted while it is
+        still in this core's cache."""
+        request.done = True
+        for start, count in request.slices:
+            buffer = self.free.get()
+            try:
+                request.source.read_into(buffer.ready_for(count * request.itemsize),
+                                         request.offset + start * request.itemsize)
+            except BaseException:
+                self.give_back(buffer)
+                raise
+            yield Filled(start, count, buffer)
 
     def _take_free(self) -> HostBuffer | None:
         while not self.stopping:

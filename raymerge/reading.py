@@ -68,9 +68,14 @@ class TensorReader:
 
     def __init__(self, device: str = "cpu", copier: Copier | None = None,
                  depth: int | None = None, slice_bytes: int | None = None,
-                 source_cache: tuple[str, int] | None = None) -> None:
+                 source_cache: tuple[str, int] | None = None,
+                 read_ahead: bool | None = None) -> None:
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
+        # read ahead on a thread of its own: for a GPU, and for stores (latency to hide); on
+        # the CPU from local files, where every core merges, reads are inline (measured faster:
+        # benchmarks/README.md)
+        self.ahead = read_ahead
         self.slice_bytes = slice_bytes or (CPU_CHUNK_BYTES if on_cpu else GPU_CHUNK_BYTES)
         # the copy to the device (none on the CPU); tests inject a copier that completes late
         self.copier = copier if copier is not None else (None if on_cpu
@@ -122,7 +127,10 @@ class TensorReader:
         slice_bytes = max(self.slice_bytes, REMOTE_CHUNK_BYTES) if checkpoint.remote \
             else self.slice_bytes
         step = max(1, slice_bytes // (row * itemsize)) * row
+        inline = not (self.ahead if self.ahead is not None else
+                      self.copier is not None or checkpoint.remote)
         return ReadRequest(key=(info.file, name), source=self._source(checkpoint, info.file),
+                           inline=inline,
                            offset=info.offset, itemsize=itemsize,
                            slices=[(start, min(step, info.numel - start))
                                    for start in range(0, info.numel, step)])
@@ -186,10 +194,16 @@ class TensorReader:
                     if scratch is None or scratch.numel() < raw.numel():
                         scratch = torch.empty(raw.numel(), dtype=like.dtype, device=like.device)
                     part = scratch[:raw.numel()]
-                if subtrahend is not None:  # convert and subtract in one pass: the same rounding
-                    torch.sub(raw, subtrahend[start:start + raw.numel()], out=part)
-                else:
+                if subtrahend is None:
                     part.copy_(raw)
+                elif raw.element_size() <= part.element_size():
+                    # an exact conversion, then the subtraction in the compute dtype: the bytes
+                    # of a mixed-dtype torch.sub, which on the CPU casts through a temporary and
+                    # measured 2.6x slower (benchmarks/README.md)
+                    part.copy_(raw)
+                    part.sub_(subtrahend[start:start + raw.numel()])
+                else:  # float64 bytes, float32 compute: subtract before rounding
+                    torch.sub(raw, subtrahend[start:start + raw.numel()], out=part)
                 total.add_(part.sum())
                 yield start, part
             if not torch.isfinite(total):

@@ -101,12 +101,12 @@ def serial_read(checkpoint: Checkpoint, name: str, minus: torch.Tensor) -> torch
     return expected(checkpoint, name).to(minus.dtype) - minus
 
 
-@pytest.mark.parametrize("depth", [1, 2, 4])
-def test_read_ahead_with_a_slow_consumer_equals_a_serial_read(checkpoint, depth):
+@pytest.mark.parametrize("depth, read_ahead", [(1, True), (2, True), (4, True), (4, False)])
+def test_read_ahead_with_a_slow_consumer_equals_a_serial_read(checkpoint, depth, read_ahead):
     names = ["wide", "tall", "small", "row_over_slice", "scalar", "empty"]
     bases = {name: torch.randn(expected(checkpoint, name).shape, dtype=torch.float32)
              for name in names}
-    with TensorReader("cpu", depth=depth, slice_bytes=SLICE_BYTES) as reader:
+    with TensorReader("cpu", depth=depth, slice_bytes=SLICE_BYTES, read_ahead=read_ahead) as reader:
         for index, name in enumerate(names):
             after = (checkpoint, names[index + 1]) if index + 1 < len(names) else None
             streamed = torch.empty_like(bases[name]).reshape(-1)
@@ -124,7 +124,7 @@ def test_read_ahead_with_a_slow_consumer_equals_a_serial_read(checkpoint, depth)
 
 
 def test_a_read_ahead_that_is_not_used_is_dropped(checkpoint):
-    with TensorReader("cpu", depth=2, slice_bytes=SLICE_BYTES) as reader:
+    with TensorReader("cpu", depth=2, slice_bytes=SLICE_BYTES, read_ahead=True) as reader:
         reader.read_ahead(checkpoint, "tall")  # announced, then not what is asked for
         reader.read_ahead(checkpoint, "wide")
         target = torch.empty(3, 5)
@@ -136,7 +136,7 @@ def test_a_read_ahead_that_is_not_used_is_dropped(checkpoint):
 
 
 def test_a_consumer_that_stops_early_gives_its_buffers_back(checkpoint):
-    with TensorReader("cpu", depth=2, slice_bytes=SLICE_BYTES) as reader:
+    with TensorReader("cpu", depth=2, slice_bytes=SLICE_BYTES, read_ahead=True) as reader:
         for _ in range(3):
             stream = reader.slices(checkpoint, "tall", then=(checkpoint, "wide"))
             next(stream)
@@ -146,7 +146,8 @@ def test_a_consumer_that_stops_early_gives_its_buffers_back(checkpoint):
         assert torch.equal(target, expected(checkpoint, "wide").float())
 
 
-def test_a_file_cut_short_is_one_source_error(checkpoint, tmp_path):
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_a_file_cut_short_is_one_source_error(checkpoint, tmp_path, read_ahead):
     import shutil
 
     shutil.copytree(checkpoint.directory, tmp_path / "cut")
@@ -154,7 +155,7 @@ def test_a_file_cut_short_is_one_source_error(checkpoint, tmp_path):
     path = truncated.tensors["tall"].file
     with open(path, "r+b") as handle:
         handle.truncate(truncated.tensors["tall"].offset + 1000)
-    with TensorReader("cpu", depth=2, slice_bytes=SLICE_BYTES) as reader:
+    with TensorReader("cpu", depth=2, slice_bytes=SLICE_BYTES, read_ahead=read_ahead) as reader:
         with pytest.raises(SourceError, match="cannot read tensor tall.*end of file"):
             reader.read_into(torch.empty(40_000), truncated, "tall")
         target = torch.empty(3, 5)  # the reader goes on serving other reads
