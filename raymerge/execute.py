@@ -197,6 +197,16 @@ def _source_read(job: MergeJob, name: str, source_index: int) -> Read | None:
     return job.sources[source_index], name
 
 
+def _streams_across(job: MergeJob, method: Method, pass_index: int,
+                    reader: TensorReader) -> bool:
+    """Whether this streaming pass reads every source's slice in turn (slice-major): each
+    source a checkpoint read whole by the reader, none from the factor cache."""
+    return all(not isinstance(source, LoraAdapter) and
+               not method.cached_update(pass_index, index)
+               for index, source in enumerate(job.sources)) and \
+        reader.streams_across(job.sources)
+
+
 def _merge_tensor(job: MergeJob, method: Method, tensor: TensorTask, output_dtype: torch.dtype,
                   reader: TensorReader, after: Read | None = None):
     """The merged tensor and its statistics. Each read through the reader names the one after
@@ -213,6 +223,11 @@ def _merge_tensor(job: MergeJob, method: Method, tensor: TensorTask, output_dtyp
     delta: torch.Tensor | None = None  # one buffer for every source, made when first needed
     method.begin(name, base)  # sets the number of passes this tensor needs
     for pass_index in range(method.passes):
+        if reindexing is None and method.streams(pass_index) and _streams_across(
+                job, method, pass_index, reader):
+            reader.stream_across(job.sources, name, base,
+                                 partial(method.update_slice, pass_index))
+            continue
         for source_index, source in enumerate(job.sources):
             then = _source_read(job, name, source_index + 1)
             if then is None and source_index + 1 == len(job.sources):

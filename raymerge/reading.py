@@ -32,6 +32,9 @@ Read = tuple[Checkpoint, str]  # a tensor of a checkpoint, by name
 CPU_CHUNK_BYTES = 1 << 20  # a slice of a source's bytes: stays in the L2 cache with its f32 copy
 GPU_CHUNK_BYTES = 1 << 25  # fewer, larger host-to-device copies
 REMOTE_CHUNK_BYTES = 1 << 25  # from a store: 4 range requests of 8 MiB in flight per slice
+# reading every source's slice in turn: the slice in the compute dtype, the base's and the
+# method's state stay in a core's L2 cache (about 1 MiB in all) for every source
+ACROSS_SLICE_BYTES = 1 << 18
 
 
 @contextmanager
@@ -179,6 +182,50 @@ class TensorReader:
             for start, part in parts:
                 each(start, part)
 
+    def streams_across(self, checkpoints: list[Checkpoint]) -> bool:
+        """Whether `stream_across` serves these sources: local files read inline on the CPU
+        (a read thread and a device copy read one tensor at a time)."""
+        return self.copier is None and not self.ahead and \
+            not any(checkpoint.remote for checkpoint in checkpoints)
+
+    def stream_across(self, checkpoints: list[Checkpoint], name: str, minus: torch.Tensor,
+                      each: Callable[[int, int, torch.Tensor], None]) -> None:
+        """Every source's tensor − minus, slice-major: for each slice of rows, each(source
+        index, first element, slice) for the sources in order (a scratch slice in minus's
+        dtype, valid during the call), each checked finite. For a running sum: its slice and
+        the base's stay in the cache across the sources, where reading one source's whole
+        tensor after another streams both through memory once per source. Every element still
+        meets the sources in the same order: the same bytes as `stream` source by source."""
+        infos = [checkpoint.tensors[name] for checkpoint in checkpoints]
+        itemsizes = [TORCH_DTYPES[info.dtype].itemsize for info in infos]
+        dtypes = [TORCH_DTYPES[info.dtype] for info in infos]
+        files = [self._source(checkpoint, info.file)
+                 for checkpoint, info in zip(checkpoints, infos, strict=True)]
+        subtrahend = minus.reshape(-1)
+        row = max(1, math.prod(minus.shape[1:])) if minus.dim() else 1
+        step = max(1, ACROSS_SLICE_BYTES // (row * minus.element_size())) * row
+        raw_bytes = torch.empty(step * max(itemsizes, default=1), dtype=torch.uint8)
+        raw_view = memoryview(raw_bytes.numpy())
+        scratch = torch.empty(step, dtype=minus.dtype, device=minus.device)
+        totals = [torch.zeros((), dtype=minus.dtype, device=minus.device) for _ in checkpoints]
+        for start in range(0, subtrahend.numel(), step):
+            count = min(step, subtrahend.numel() - start)
+            part, base_part = scratch[:count], subtrahend[start:start + count]
+            for index, checkpoint in enumerate(checkpoints):
+                nbytes = count * itemsizes[index]
+                try:
+                    files[index].read_into(raw_view[:nbytes],
+                                           infos[index].offset + start * itemsizes[index])
+                except OSError as error:
+                    with reading(checkpoint, name):
+                        raise error
+                subtract_into(part, raw_bytes[:nbytes].view(dtypes[index]), base_part)
+                totals[index].add_(part.sum())
+                each(index, start, part)
+        for checkpoint, total in zip(checkpoints, totals, strict=True):
+            if not torch.isfinite(total):
+                raise_not_finite(checkpoint, name)
+
     def _converted(self, checkpoint: Checkpoint, name: str, minus: torch.Tensor | None,
                    flat: torch.Tensor | None, then: Read | None
                    ) -> Iterator[tuple[int, torch.Tensor]]:
@@ -196,18 +243,24 @@ class TensorReader:
                     part = scratch[:raw.numel()]
                 if subtrahend is None:
                     part.copy_(raw)
-                elif raw.element_size() <= part.element_size():
-                    # an exact conversion, then the subtraction in the compute dtype: the bytes
-                    # of a mixed-dtype torch.sub, which on the CPU casts through a temporary and
-                    # measured 2.6x slower (benchmarks/README.md)
-                    part.copy_(raw)
-                    part.sub_(subtrahend[start:start + raw.numel()])
-                else:  # float64 bytes, float32 compute: subtract before rounding
-                    torch.sub(raw, subtrahend[start:start + raw.numel()], out=part)
+                else:
+                    subtract_into(part, raw, subtrahend[start:start + raw.numel()])
                 total.add_(part.sum())
                 yield start, part
             if not torch.isfinite(total):
                 raise_not_finite(checkpoint, name)
+
+
+def subtract_into(part: torch.Tensor, raw: torch.Tensor, subtrahend: torch.Tensor) -> None:
+    """part = raw − subtrahend, in part's (the compute) dtype."""
+    if raw.element_size() <= part.element_size():
+        # an exact conversion, then the subtraction in the compute dtype: the bytes of a
+        # mixed-dtype torch.sub, which on the CPU casts through a temporary and measured 2.6x
+        # slower (benchmarks/README.md)
+        part.copy_(raw)
+        part.sub_(subtrahend)
+    else:  # float64 bytes, float32 compute: subtract before rounding
+        torch.sub(raw, subtrahend, out=part)
 
 
 def read_numpy(checkpoint: Checkpoint, name: str) -> np.ndarray:

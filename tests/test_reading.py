@@ -161,3 +161,63 @@ def test_a_file_cut_short_is_one_source_error(checkpoint, tmp_path, read_ahead):
         target = torch.empty(3, 5)  # the reader goes on serving other reads
         reader.read_into(target, checkpoint, "small")
         assert torch.equal(target, expected(checkpoint, "small"))
+
+
+def three_sources(directory, poisoned: bool = False) -> list[Checkpoint]:
+    """One tensor in three dtypes (the float64 one subtracts before rounding); rows of 1001."""
+    generator = torch.Generator().manual_seed(1)
+    checkpoints = []
+    for index, dtype in enumerate((torch.bfloat16, torch.float16, torch.float64)):
+        weights = torch.randn(300, 1001, generator=generator).to(dtype)
+        if poisoned and index == 1:
+            weights[250, 7] = float("inf")  # in a late slice: every source is read before it
+        folder = directory / f"ft-{index}"
+        folder.mkdir()
+        save_file({"w": weights}, folder / "model.safetensors")
+        checkpoints.append(Checkpoint.open(f"ft-{index}", folder))
+    return checkpoints
+
+
+def test_slice_major_reading_equals_reading_source_by_source(tmp_path, monkeypatch):
+    monkeypatch.setattr("raymerge.reading.ACROSS_SLICE_BYTES", 3 * 1001 * 4)  # 100 slices
+    sources = three_sources(tmp_path)
+    base = torch.randn(300, 1001, generator=torch.Generator().manual_seed(2))
+    weights = [0.3, -1.7, 0.9]
+    by_source, across = torch.zeros(300 * 1001), torch.zeros(300 * 1001)
+    order = []
+
+    def add(index, start, part):
+        order.append((start, index))
+        across[start:start + part.numel()].add_(part, alpha=weights[index])
+
+    with TensorReader("cpu") as reader:
+        assert reader.streams_across(sources)
+        for index, source in enumerate(sources):
+            reader.stream(source, "w", base, lambda start, part, index=index: by_source[
+                start:start + part.numel()].add_(part, alpha=weights[index]))
+        reader.stream_across(sources, "w", base, add)
+    assert torch.equal(across, by_source)
+    assert len(order) == 300 and order[:4] == [(0, 0), (0, 1), (0, 2), (3003, 0)]
+
+
+def test_slice_major_reading_names_the_source_that_is_not_finite(tmp_path):
+    sources = three_sources(tmp_path, poisoned=True)
+    with TensorReader("cpu") as reader:
+        with pytest.raises(SourceError, match="source ft-1: tensor w contains NaN or Inf"):
+            reader.stream_across(sources, "w", torch.zeros(300, 1001), lambda *_: None)
+
+
+def test_slice_major_reading_is_for_inline_local_reads(tmp_path, checkpoint):
+    with TensorReader("cpu", read_ahead=True) as reader:
+        assert not reader.streams_across([checkpoint])
+    with TensorReader("cpu", copier=LateCopier()) as reader:
+        assert not reader.streams_across([checkpoint])
+
+
+def test_slice_major_reading_of_a_file_cut_short_is_one_source_error(tmp_path):
+    sources = three_sources(tmp_path)
+    with open(sources[2].tensors["w"].file, "r+b") as handle:
+        handle.truncate(sources[2].tensors["w"].offset + 1000)
+    with TensorReader("cpu") as reader:
+        with pytest.raises(SourceError, match="source ft-2: cannot read tensor w.*end of file"):
+            reader.stream_across(sources, "w", torch.zeros(300, 1001), lambda *_: None)

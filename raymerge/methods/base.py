@@ -154,8 +154,10 @@ class Method:
     def streams(self, pass_index: int) -> bool:
         """Whether this pass takes each source's delta a slice at a time (update_slice) instead
         of whole: the engine then never forms a source's whole delta, and adds each slice while
-        it is in the cache. For methods elementwise over the sources (a running sum). Default:
-        no."""
+        it is in the cache. For methods elementwise over the sources (a running sum): the
+        engine may call update_slice source by source or slice-major (every source's slice at
+        one start before the next start); each element meets the sources in order either way.
+        Default: no."""
         return False
 
     def update_slice(self, pass_index: int, source_index: int, start: int,
