@@ -253,7 +253,7 @@ def _merge_tensor(job: MergeJob, method: Method, tensor: TensorTask, output_dtyp
                 method.update(pass_index, source_index, delta)
     del delta
     merged_delta = method.finish()
-    if not method.applies_scale:
+    if not method.applies_scale and method.settings.scale != 1.0:  # × 1: the same bytes
         merged_delta.mul_(method.settings.scale)
     low, high = torch.aminmax(merged_delta) if merged_delta.numel() else (base.new_zeros(()),) * 2
     stats = {
