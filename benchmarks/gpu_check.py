@@ -162,7 +162,7 @@ def main() -> None:
                   f"{summary['seconds']:.1f} s = {source_bytes / summary['seconds'] / 1e9:.2f} "
                   f"GB/s of sources; peak device memory "
                   f"{summary.get('peak_device_bytes_measured', 0) / 2**30:.2f} GiB measured, "
-                  f"{summary['peak_task_bytes_estimated'] / 2**30:.2f} GiB planned per task; "
+                  f"{summary['peak_device_bytes_estimated'] / 2**30:.2f} GiB planned per task; "
                   f"vs CPU {worst:.2e} ({verdict})", flush=True)
 
 

@@ -146,6 +146,7 @@ def _merge_unit_on(job: MergeJob, unit: WorkUnit) -> tuple[dict[str, Any], dict[
         "peak_bytes": memory.peak_bytes,
         "peak_device_bytes": torch.cuda.max_memory_allocated(job.device) if on_gpu else 0,
         "peak_bytes_estimated": unit.peak_bytes,
+        "peak_device_bytes_estimated": unit.device_peak_bytes if on_gpu else 0,
         "tensors": tensor_stats,
         "factor_cache_hits": cache.hits if cache else 0,
         "factor_cache_misses": cache.misses if cache else 0,

@@ -14,7 +14,7 @@ from raymerge.execute import MergeJob
 from raymerge.factor_cache import FactorCacheSpec
 from raymerge.identity import checkpoint_identity, resume_key, submission_id
 from raymerge.layout import SliceJob, block_stacks, relayered_config, slice_jobs
-from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of
+from raymerge.methods import METHODS, MergeOptions, footprint, statistics_of, takes_svds
 from raymerge.methods.calibrated import SVC_PAPER
 from raymerge.output.card import model_card
 from raymerge.output.files import (
@@ -100,6 +100,7 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
         compute_itemsize=8 if recipe.runtime.compute_dtype == "float64" else 4,
         passes=passes,
         state_tensors=state_tensors,
+        svds=takes_svds(recipe.method.name, recipe.svc_alpha() is not None),
     )
     if slices is None:
         plan = planned(base, sources, reindexing=vocabulary.reindexing if vocabulary else None)
@@ -321,6 +322,8 @@ def _summary(plan: Plan, unit_stats: list[dict], seconds: float) -> dict:
         "peak_task_bytes_estimated": plan.peak_bytes,
         "peak_device_bytes_measured": max(stats.get("peak_device_bytes", 0)
                                           for stats in unit_stats),
+        "peak_device_bytes_estimated": max(stats.get("peak_device_bytes_estimated", 0)
+                                           for stats in unit_stats),
         "task_seconds_total": sum(stats["seconds"] for stats in unit_stats),
         "nodes": len({stats["node"] for stats in unit_stats}),
         "factor_cache_hits": sum(stats.get("factor_cache_hits", 0) for stats in unit_stats),

@@ -49,6 +49,8 @@ class WorkUnit:
     output_bytes: int
     peak_bytes: int  # estimated peak memory of the task that merges it
     peak_tensor: str = ""  # the tensor whose merge sets that peak
+    # on a GPU: that working set, plus an exact SVD's workspace where the method takes SVDs
+    device_peak_bytes: int = 0
     job: int = 0  # which merge (a slice of the layout) the unit belongs to
 
 
@@ -70,6 +72,10 @@ class Plan:
         return max(unit.peak_bytes for unit in self.units)
 
     @property
+    def device_peak_bytes(self) -> int:
+        return max(unit.device_peak_bytes for unit in self.units)
+
+    @property
     def tensors(self) -> list[TensorTask]:
         return [tensor for unit in self.units for tensor in unit.tensors]
 
@@ -86,6 +92,7 @@ def make_plan(
     passes: int = 1,
     state_tensors: int = 1,
     reindexing: Reindexing | None = None,
+    svds: bool = False,
 ) -> Plan:
     """Group the base's tensors into work units and estimate what each costs. With
     `reindexing`, vocabulary-indexed tensors have the output vocabulary's rows. Integer and
@@ -120,7 +127,7 @@ def make_plan(
             for name in tensor_names
         )
         units.append(_unit(index, unit_name, tensors, base, sources, compute_itemsize, passes,
-                           state_tensors))
+                           state_tensors, svds))
     return Plan(units=tuple(units), num_sources=len(sources))
 
 
@@ -152,7 +159,19 @@ def _pack_loose(base: Checkpoint, names: list[str], target: int) -> list[tuple[s
     return packed
 
 
-def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_tensors) -> WorkUnit:
+def svd_workspace_bytes(shape: tuple[int, ...], itemsize: int) -> int:
+    """An exact thin SVD of an m×n matrix (r = min(m, n)) holds, beside its input: the input's
+    copy (LAPACK and cuSOLVER overwrite it), U (m×r), Vᵀ (r×n) and a workspace of about 4r²
+    (divide and conquer's); an expert stack [E, m, n] is taken a matrix at a time."""
+    if len(shape) < 2:
+        return 0
+    m, n = shape[-2], shape[-1]
+    r = min(m, n)
+    return (m * n + m * r + r * n + 4 * r * r) * itemsize
+
+
+def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_tensors,
+          svds: bool = False) -> WorkUnit:
     source_bytes = sum(source.nbytes_of(tensor.name) for source in sources for tensor in tensors)
     base_bytes = sum(base.tensors[tensor.name].nbytes for tensor in tensors)
     output_bytes = sum(tensor.output_bytes for tensor in tensors)
@@ -165,6 +184,8 @@ def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_t
          + max((source.nbytes_of(tensor.name) for source in sources), default=0), tensor.name)
         for tensor in tensors
     )
+    workspace = max((svd_workspace_bytes(tensor.shape, compute_itemsize)
+                     for tensor in tensors if not tensor.copied), default=0) if svds else 0
     return WorkUnit(
         index=index,
         name=name,
@@ -173,6 +194,7 @@ def _unit(index, name, tensors, base, sources, compute_itemsize, passes, state_t
         output_bytes=output_bytes,
         peak_bytes=working + output_bytes,
         peak_tensor=peak_tensor,
+        device_peak_bytes=working + output_bytes + workspace,
     )
 
 

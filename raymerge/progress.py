@@ -106,5 +106,8 @@ def format_plan(plan: Plan, parameters: dict[int, str] | None = None) -> str:
                     + (f"  {parameters[unit.index]}" if unit.index in parameters else ""))
     rows.append(f"{len(plan.units)} units, {len(plan.tensors)} tensors, {plan.num_sources} sources;"
                 f" read {format_size(plan.read_bytes)}, write {format_size(plan.output_bytes)},"
-                f" peak memory per task ≈ {format_size(plan.peak_bytes)}")
+                f" peak memory per task ≈ {format_size(plan.peak_bytes)}"
+                + (f" (on a GPU, with an exact SVD's workspace ≈ "
+                   f"{format_size(plan.device_peak_bytes)})"
+                   if plan.device_peak_bytes > plan.peak_bytes else ""))
     return "\n".join(rows)

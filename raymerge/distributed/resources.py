@@ -127,13 +127,18 @@ def gpu_memory_per_task(num_gpus: float) -> int:
 
 
 def check_device_memory(units, device_bytes: int, num_gpus: float) -> None:
-    """ClusterError naming the first unit whose estimated peak (its working set, on the device
-    when tasks merge on a GPU) is more than a task's share of the GPU, before any work."""
+    """ClusterError naming the first unit whose estimated peak on the device (its working set,
+    with an exact SVD's workspace where the method takes SVDs) is more than a task's share of
+    the GPU, before any work."""
     for unit in units:
-        if unit.peak_bytes > device_bytes:
+        if unit.device_peak_bytes > device_bytes:
             share = "a whole GPU" if num_gpus >= 1 else f"{num_gpus:g} of a GPU"
+            svd = (f", with an exact SVD's workspace of "
+                   f"{format_size(unit.device_peak_bytes - unit.peak_bytes)}"
+                   if unit.device_peak_bytes > unit.peak_bytes else "")
             raise ClusterError(
-                f"unit {unit.name} needs about {format_size(unit.peak_bytes)} of GPU memory "
-                f"(merging {unit.peak_tensor}) and a task gets {format_size(device_bytes)} "
+                f"unit {unit.name} needs about {format_size(unit.device_peak_bytes)} of GPU "
+                f"memory (merging {unit.peak_tensor}{svd}) and a task gets "
+                f"{format_size(device_bytes)} "
                 f"({share}); raise runtime.num_gpus (fewer tasks per GPU), or merge this "
                 "recipe on the CPU (runtime.device: cpu)")

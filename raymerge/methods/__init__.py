@@ -87,6 +87,11 @@ def footprint(name: str, calibrated: bool) -> tuple[int, int]:
     return method.max_passes + extra_passes, method.state_tensors + extra_state
 
 
+def takes_svds(name: str, calibrated: bool) -> bool:
+    """Whether a merge with this method takes exact SVDs of whole matrices (SVC does)."""
+    return calibrated or METHODS[name].takes_svds
+
+
 def statistics_of(name: str, calibrated: bool) -> tuple[Statistic, ...]:
     """Every per-tensor statistic a merge with this method reports, common ones first."""
     return COMMON_STATISTICS + METHODS[name].statistics + (SVC_STATISTICS if calibrated else ())

@@ -62,6 +62,7 @@ class Ace(SpectralMethod):
     # Σ S_i (n × n: up to four full-size tensors where n = 4m, an MLP's down projection), the
     # three m × n sums, and at the solve an LU copy of A (n × n again) and its result
     state_tensors = 12
+    takes_svds = True
     statistics = (
         Statistic("ace_gamma", "float", "γ", ".3g"),
         Statistic("ace_heterogeneous", "int", "het."),

@@ -53,6 +53,7 @@ class Axis(SpectralMethod):
     paper = "AXIS, arXiv 2508.19353, Algorithm 1"
     Settings = AxisSettings
     state_tensors = 2
+    takes_svds = True
     statistics = (
         Statistic("axis_rank", "int", "rank", "d"),
         Statistic("axis_energy_kept", "float", "energy", ".3f"),

@@ -112,6 +112,9 @@ class Method:
     # Whether it treats matrices as matrices (spectral methods): an expert stack [E, m, n] is
     # then merged as E matrices, one method object per slice (methods/per_slice.py).
     matrix_wise: ClassVar[bool] = False
+    # Whether it takes full SVDs of a tensor's matrix: the device plan adds the exact path's
+    # workspace (methods whose randomized path is taken need less; the plan assumes the most).
+    takes_svds: ClassVar[bool] = False
     statistics: ClassVar[tuple[Statistic, ...]] = ()
 
     def __init__(self, settings: MethodSettings, weights: Sequence[float],

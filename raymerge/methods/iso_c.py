@@ -16,6 +16,7 @@ class IsoC(SpectralMethod):
     paper = ("No Task Left Behind: Isotropic Model Merging with Common and Task-Specific "
              "Subspaces, arXiv 2502.04959; code danielm1405/iso-merging")
     state_tensors = 1
+    takes_svds = True
 
     def begin_matrix(self, base: Tensor) -> None:
         self.task_sum = torch.zeros_like(base)

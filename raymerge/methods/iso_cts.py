@@ -38,6 +38,7 @@ class IsoCts(SpectralMethod):
              "Subspaces, arXiv 2502.04959; code danielm1405/iso-merging")
     max_passes = 2
     state_tensors = 2
+    takes_svds = True
 
     def begin_matrix(self, base: Tensor) -> None:
         self.common, self.per_source = subspace_sizes(min(base.shape), self.num_sources)

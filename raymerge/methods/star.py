@@ -54,6 +54,7 @@ class Star(SpectralMethod):
              "code as in lyymuwu/SVC merge_func.py")
     Settings = StarSettings
     state_tensors = 3  # the running sum, and U and V of the current source's SVD
+    takes_svds = True
     statistics = (Statistic("star_rank_per_source", "int_list", "rank per source"),)
 
     def begin_matrix(self, base: Tensor) -> None:

@@ -34,6 +34,7 @@ class Tsv(SpectralMethod):
              "arXiv 2412.00081; code AntoAndGar/task_singular_vectors")
     Settings = TsvSettings
     state_tensors = 2
+    takes_svds = True
 
     @classmethod
     def check(cls, settings, shapes: dict[str, tuple[int, ...]], num_sources: int,

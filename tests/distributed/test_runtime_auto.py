@@ -91,8 +91,43 @@ def test_a_unit_larger_than_a_tasks_share_of_the_gpu_is_refused_in_one_line(floa
 
     plan = prepare(recipe_from_dict({"base": str(float32_family["base"]),
                                      "sources": [str(float32_family["sources"][0])]})).plan
-    largest = max(plan.units, key=lambda unit: unit.peak_bytes)
-    check_device_memory(plan.units, largest.peak_bytes, 1)  # fits exactly
+    largest = max(plan.units, key=lambda unit: unit.device_peak_bytes)
+    assert largest.device_peak_bytes == largest.peak_bytes  # task arithmetic takes no SVD
+    check_device_memory(plan.units, largest.device_peak_bytes, 1)  # fits exactly
     with pytest.raises(ClusterError, match=f"unit {re.escape(largest.name)} needs about .* of GPU "
                                            r"memory .*\(0.25 of a GPU\); raise runtime.num_gpus"):
-        check_device_memory(plan.units, largest.peak_bytes - 1, 0.25)
+        check_device_memory(plan.units, largest.device_peak_bytes - 1, 0.25)
+
+
+def test_the_device_plan_of_a_spectral_merge_holds_an_exact_svds_workspace(float32_family):
+    import pytest
+
+    from raymerge.distributed.resources import check_device_memory
+    from raymerge.errors import ClusterError
+    from raymerge.merge import prepare
+    from raymerge.plan import svd_workspace_bytes
+    from raymerge.recipe import recipe_from_dict
+
+    def plan(method, **extra):
+        return prepare(recipe_from_dict({"base": str(float32_family["base"]),
+                                         "sources": [str(s) for s in float32_family["sources"]],
+                                         "method": {"name": method}, **extra})).plan
+
+    # 3×5: the input's copy (15), U (3×3), Vᵀ (3×5) and 4·3² floats of workspace
+    assert svd_workspace_bytes((3, 5), 4) == 4 * (15 + 9 + 15 + 36)
+    assert svd_workspace_bytes((7,), 4) == 0  # a vector: no SVD
+    plain, axis = plan("task_arithmetic"), plan("axis")
+    svc = plan("ties", calibrate={"svc": {"alpha": "auto"}})
+    unit = max(axis.units, key=lambda unit: unit.device_peak_bytes)
+    workspace = max(svd_workspace_bytes(t.shape, 4) for t in unit.tensors)
+    assert workspace > 0 and unit.device_peak_bytes == unit.peak_bytes + workspace
+    assert all(u.device_peak_bytes == u.peak_bytes for u in plain.units)
+    assert any(u.device_peak_bytes > u.peak_bytes for u in svc.units)  # SVC takes SVDs
+    from raymerge.progress import format_plan
+    from raymerge.sizes import format_size
+
+    assert f"on a GPU, with an exact SVD's workspace ≈ {format_size(axis.device_peak_bytes)}" \
+        in format_plan(axis)
+    assert "on a GPU" not in format_plan(plain)
+    with pytest.raises(ClusterError, match=r"with an exact SVD's workspace of .*\(a whole GPU\)"):
+        check_device_memory(axis.units, unit.device_peak_bytes - 1, 1)
