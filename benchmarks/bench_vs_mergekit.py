@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 from proctree import run_measured
 
-from raymerge.synthetic import llama_config, write_base, write_finetune
+from raymerge.synthetic import llama_config, write_family
 
 SIZES = {
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6,
@@ -42,17 +42,9 @@ MERGEKIT = "mergekit==0.1.5"
 
 def make_family(work: Path, size: str, count: int) -> tuple[Path, list[Path]]:
     root = work / f"family-{size}"
-    base = root / "base"
-    if not (base / "config.json").exists():
+    if not (root / "base" / "config.json").exists():
         print(f"generating the {size} base and {count} fine-tunes in {root} ...", flush=True)
-        write_base(base, llama_config(dtype="bfloat16", **SIZES[size]), max_shard_bytes=2**30)
-    sources = []
-    for index in range(count):
-        path = root / f"ft-{index}"
-        if not (path / "config.json").exists():
-            write_finetune(base, path, seed=index, max_shard_bytes=2**30)
-        sources.append(path)
-    return base, sources
+    return write_family(root, llama_config(dtype="bfloat16", **SIZES[size]), count)
 
 
 def ensure_mergekit(venv: Path) -> Path:

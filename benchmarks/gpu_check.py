@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from raymerge.reading import TensorReader
 from raymerge.sources.checkpoint import Checkpoint
-from raymerge.synthetic import llama_config, write_base, write_finetune
+from raymerge.synthetic import llama_config, write_family
 
 SEVEN_B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                num_attention_heads=32, num_key_value_heads=8, vocab_size=32000)
@@ -96,17 +96,7 @@ def check_race(work: Path, cpu: bool) -> str:
 
 
 def family(work: Path, shapes: dict, count: int) -> tuple[Path, list[Path]]:
-    root = work / "family"
-    base = root / "base"
-    if not (base / "config.json").exists():
-        write_base(base, llama_config(dtype="bfloat16", **shapes), max_shard_bytes=2**30)
-    sources = []
-    for index in range(count):
-        path = root / f"ft-{index}"
-        if not (path / "config.json").exists():
-            write_finetune(base, path, seed=index, max_shard_bytes=2**30)
-        sources.append(path)
-    return base, sources
+    return write_family(work / "family", llama_config(dtype="bfloat16", **shapes), count)
 
 
 def merge(work: Path, name: str, recipe: dict) -> dict:

@@ -105,6 +105,21 @@ def write_finetune(base_directory: str | Path, directory: str | Path, seed: int,
     return _save(Path(directory), base.config, tensors, max_shard_bytes)
 
 
+def write_family(root: str | Path, config: dict, count: int,
+                 max_shard_bytes: int = 2**30) -> tuple[Path, list[Path]]:
+    """A base of this config under root/base and `count` fine-tunes under root/ft-<i> (seed i),
+    each written only where it is missing: (the base's directory, the fine-tunes')."""
+    root = Path(root)
+    base = root / "base"
+    if not (base / "config.json").exists():
+        write_base(base, config, max_shard_bytes=max_shard_bytes)
+    sources = [root / f"ft-{index}" for index in range(count)]
+    for index, path in enumerate(sources):
+        if not (path / "config.json").exists():
+            write_finetune(base, path, seed=index, max_shard_bytes=max_shard_bytes)
+    return base, sources
+
+
 def _save(directory: Path, config: dict, tensors: dict[str, torch.Tensor],
           max_shard_bytes: int | None) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
