@@ -15,7 +15,9 @@ the others; the run fails (exit 1) if any did."""
 from __future__ import annotations
 
 import json
+import sys
 import time
+import traceback
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +111,11 @@ def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force
                 outcome.detail["hub_commit"] = result.summary["hub_commit"]
     except RaymergeError as error:
         return Outcome(entry.name, "error", detail={"error": str(error)})
+    except Exception as error:  # a crash of this model's merge: reported, the next one starts
+        traceback.print_exc(file=sys.stderr)
+        return Outcome(entry.name, "error", detail={
+            "error": f"{entry.name}: the merge crashed ({type(error).__name__}: {error}); "
+                     "its traceback is above: report it with the recipe"})
     outcome.detail["wall_seconds"] = round(time.perf_counter() - started, 3)
     return outcome
 

@@ -148,6 +148,33 @@ def test_one_failing_model_does_not_stop_the_others(ray_cluster, float32_family,
     assert not (tmp_path / "b").exists()
 
 
+def test_a_crashing_model_is_reported_and_the_next_one_merges(ray_cluster, float32_family,
+                                                             tmp_path, capsys, monkeypatch):
+    """Not only raymerge's own errors: a model whose merge crashes (a bug, a library's error)
+    is reported with its exception and the run goes on to the next model, then exits 1."""
+    import raymerge.merge
+
+    real = raymerge.merge.run_merge
+
+    def crashing(prepared, **kwargs):
+        if prepared.target.name == "crash":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(prepared, **kwargs)
+
+    monkeypatch.setattr(raymerge.merge, "run_merge", crashing)
+    good = {"base": str(float32_family["base"]), "sources": [str(float32_family["sources"][1])],
+            "output": {"path": str(tmp_path / "good")}}
+    crash = {**good, "output": {"path": str(tmp_path / "crash")}}
+    registry = write_registry(tmp_path / "registry.yaml", [{"name": "crash", "recipe": crash},
+                                                           {"name": "good", "recipe": good}])
+    code, lines = run_json(["regenerate", str(registry), "--json"], capsys)
+    assert code == 1
+    assert lines[0]["status"] == "error" and "crash: the merge crashed (RuntimeError: CUDA " \
+        "error: an illegal memory access" in lines[0]["error"]
+    assert lines[1]["status"] == "merged" and (tmp_path / "good" / "config.json").exists()
+    assert lines[2]["models"] == {"crash": "error", "good": "merged"}
+
+
 @pytest.mark.parametrize("registry, message", [
     ({"models": [{"name": "a", "recipe": "a.yaml", "outptu": "x"}]}, "models.0.outptu: Extra"),
     ({"models": [{"name": "a", "recipe": "a.yaml"}, {"name": "a", "recipe": "b.yaml"}]},
