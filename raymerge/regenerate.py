@@ -9,8 +9,10 @@
 For each model every source is resolved to an immutable identity (Hub commit, or sha256 of the
 local files); the submission id hashes the recipe with those identities. A model whose published
 output carries the same submission id is skipped, as is one whose identical merge is being
-written on this cluster now: a duplicate scheduled run is a no-op. A failing model does not stop
-the others; the run fails (exit 1) if any did."""
+written on this cluster now: a duplicate scheduled run is a no-op. An unchanged model with
+`output.push_to_hub` whose Hub repository does not hold this merge (its manifest's submission id
+differs or is missing: an earlier push failed) is pushed again, without merging. A failing model
+(an error, a crash, a lost cluster) does not stop the others; the run fails (exit 1) if any did."""
 
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from pydantic import Field, field_validator
 
 from raymerge.errors import RaymergeError
 from raymerge.identity import submission_id
+from raymerge.output.hub import commit_message, push_to_hub, pushed_submission_id
 from raymerge.recipe import StrictModel, load_recipe, read_yaml, recipe_from_dict, validate_config
 
 
@@ -96,8 +99,15 @@ def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force
         sid = submission_id(prepared.recipe, identities_of(prepared))
         outcome = Outcome(entry.name, "merged", str(prepared.target), sid,
                           {"sources": identities_of(prepared)})
+        repo = prepared.recipe.output.push_to_hub
         if not force and _published_id(prepared.target) == sid:
             outcome.status = "unchanged"
+            if repo and pushed_submission_id(repo) != sid:  # an earlier push failed
+                outcome.status = "would-push" if dry_run else "pushed"
+                if not dry_run:
+                    outcome.detail["hub_commit"] = push_to_hub(
+                        prepared.target, repo, commit_message(prepared, {"submission_id": sid}),
+                        private=prepared.recipe.output.private)
         elif dry_run:
             outcome.status = "would-merge"
         elif _running(prepared):

@@ -42,3 +42,29 @@ def push_to_hub(directory: Path, repo_id: str, message: str, private: bool = Tru
             f"({reason}); fix access (`hf auth login`) and run `hf upload {repo_id} {directory}`"
         ) from None
     return str(commit.commit_url)
+
+
+def pushed_submission_id(repo_id: str) -> str | None:
+    """The submission id in the manifest of the Hub repository's main revision; None when the
+    repository or its manifest does not exist (nothing pushed yet, or a push that failed)."""
+    import json
+
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from raymerge.output.staging import MANIFEST_NAME
+
+    try:
+        path = HfApi().hf_hub_download(repo_id, MANIFEST_NAME, repo_type="model")
+        return json.loads(Path(path).read_text()).get("submission_id")
+    except (RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+        return None
+    except Exception as error:  # network, auth and Hub errors come in many types
+        reason = " ".join(str(error).split())[:300]
+        raise OutputError(f"cannot read {MANIFEST_NAME} of {repo_id} on the Hub to tell whether "
+                          f"it holds this merge ({reason}); fix access (`hf auth login`) or the "
+                          "network, and run again") from None

@@ -83,3 +83,54 @@ def recipe_digest_of(out: Path, manifest: dict) -> str:
     from raymerge.recipe import load_recipe
 
     return recipe_digest(load_recipe(out / "raymerge_recipe.yaml"), manifest["identities"])
+
+
+class FlakyHub(FakeHub):
+    """A Hub whose uploads fail while `failing`; it serves the manifest of the last upload."""
+
+    failing = True
+    uploaded: Path | None = None
+
+    def upload_folder(self, folder_path, **kwargs):
+        if FlakyHub.failing:
+            raise ConnectionError("Connection reset by peer")
+        FlakyHub.uploaded = Path(folder_path)
+        return super().upload_folder(folder_path, **kwargs)
+
+    def hf_hub_download(self, repo_id, filename, repo_type):
+        from huggingface_hub.errors import RemoteEntryNotFoundError
+
+        if FlakyHub.uploaded is None:
+            raise RemoteEntryNotFoundError("404: entry not found", response=SimpleNamespace(
+                headers={}, status_code=404, request=None))
+        return str(FlakyHub.uploaded / filename)
+
+
+def test_a_failed_push_is_pushed_by_the_next_regenerate_without_merging_again(
+        ray_cluster, float32_family, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "HfApi", FlakyHub)
+    FlakyHub.calls, FlakyHub.failing, FlakyHub.uploaded = [], True, None
+    out = tmp_path / "merged"
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(json.dumps({"models": [{"name": "team", "recipe": {
+        "base": str(float32_family["base"]), "sources": [str(float32_family["sources"][0])],
+        "output": {"path": str(out), "push_to_hub": "org/merged-model"}}}]}))
+
+    def regenerate() -> tuple[int, dict]:
+        code = main(["regenerate", str(registry), "--json"])
+        lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()
+                 if line.startswith("{")]
+        return code, lines[0]
+
+    code, first = regenerate()
+    assert code == 1 and first["status"] == "error" and "Connection reset" in first["error"]
+    assert (out / "raymerge_manifest.json").exists()  # merged and published locally
+    merged_at = (out / "raymerge_manifest.json").stat().st_mtime_ns
+    FlakyHub.failing, FlakyHub.calls = False, []
+    code, second = regenerate()
+    assert code == 0 and second["status"] == "pushed"
+    assert second["hub_commit"].endswith("/commit/abc123")
+    assert (out / "raymerge_manifest.json").stat().st_mtime_ns == merged_at  # not merged again
+    assert [call[0] for call in FlakyHub.calls] == ["create_repo", "upload_folder"]
+    code, third = regenerate()  # the Hub's manifest now carries this merge
+    assert code == 0 and third["status"] == "unchanged" and len(FlakyHub.calls) == 2
