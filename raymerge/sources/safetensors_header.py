@@ -98,8 +98,8 @@ def _tensor_info(path: str, name: str, entry: object, data_size: int,
                  data_start: int) -> TensorInfo:
     try:
         dtype = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(dim) for dim in entry["shape"])  # type: ignore[index]
-        start, end = (int(offset) for offset in entry["data_offsets"])  # type: ignore[index]
+        shape = _integers(entry["shape"])  # type: ignore[index]
+        start, end = _integers(entry["data_offsets"])  # type: ignore[index]
     except (TypeError, KeyError, ValueError):
         raise SourceError(
             f"{path}: corrupted safetensors header entry for tensor {name}; re-save the file"
@@ -119,3 +119,12 @@ def _tensor_info(path: str, name: str, entry: object, data_size: int,
             "the file is corrupted, re-save it"
         )
     return info
+
+
+def _integers(values: object) -> tuple[int, ...]:
+    """A JSON list of integers (as safetensors writes shapes and offsets); TypeError for anything
+    else: strings, booleans, and floats such as the 1e400 or Infinity a damaged header can hold."""
+    if not isinstance(values, list) or not all(
+            isinstance(value, int) and not isinstance(value, bool) for value in values):
+        raise TypeError("not a list of integers")
+    return tuple(values)

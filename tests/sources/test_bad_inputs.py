@@ -165,6 +165,20 @@ def test_unreadable_header(tmp_path, float32_family, capsys):
     assert "corrupted safetensors header" in error and "model.safetensors" in error
 
 
+@pytest.mark.parametrize("shape", ["[1e400]", "[Infinity]", "[true, 4]", '["8", 4]', "[2.5]"])
+def test_header_whose_shape_is_not_integers(tmp_path, float32_family, capsys, shape):
+    bad = _copy_with(float32_family["sources"][1], tmp_path / "bad")
+    path = bad / "model.safetensors"
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    header[FIRST_MATRIX]["shape"] = "SHAPE"
+    text = json.dumps(header).replace('"SHAPE"', shape).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + length:])
+    error = _merge_fails(tmp_path, float32_family, bad, capsys)
+    assert "corrupted safetensors header entry" in error and FIRST_MATRIX in error
+
+
 def test_header_pointing_past_end_of_file(tmp_path, float32_family, capsys):
     bad = _copy_with(float32_family["sources"][1], tmp_path / "bad")
     path = bad / "model.safetensors"
