@@ -26,6 +26,7 @@ from raymerge.output.files import (
 from raymerge.output.hub import commit_message, push_to_hub
 from raymerge.output.layout import ShardLayout, layout_shards
 from raymerge.output.manifest import SourceHasher, describe_checkpoint, library_versions
+from raymerge.output.remote import RemoteOutput, local_directory
 from raymerge.output.shard_writer import disk_errors
 from raymerge.output.staging import (
     MANIFEST_NAME,
@@ -46,6 +47,7 @@ from raymerge.sources.vocabularies import (
     output_vocabulary,
     vocabulary_directory,
 )
+from raymerge.store.objects import scheme_of
 from raymerge.vocabulary import OutputVocabulary
 
 
@@ -65,6 +67,13 @@ class Prepared:
     tokenizer_json: str | None = None  # the base's tokenizer.json with the union's new tokens
     chat_template: ChatTemplate | None = None
     slices: list[SliceJob] | None = None  # the layout's slices, when the recipe changes it
+    # an output in a store (s3://, gs://): `target` is then where this node stages it
+    remote: RemoteOutput | None = None
+
+    @property
+    def output(self) -> Path | str:
+        """Where the output is published, as the user names it."""
+        return self.remote.uri if self.remote else self.target
 
 
 @dataclass
@@ -90,8 +99,14 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
     tokenizer_json = (extended_tokenizer_json(base.label, base.directory, vocabulary)
                       if vocabulary is not None and vocabulary.appended else None)
     chat_template = choose_chat_template(recipe.chat_template, base, sources, tokenizer_directory)
-    target = Path(out or recipe.output.path).expanduser().resolve()
-    check_output_path(target, [base.directory, *(source.directory for source in sources)])
+    location, remote = str(out or recipe.output.path), None
+    if scheme_of(location):
+        remote = _remote_output(recipe, location, [base.label, *(s.label for s in sources)])
+        target = local_directory(location)
+    else:
+        target = Path(location).expanduser().resolve()
+        check_output_path(target, [directory for directory in (
+            base.directory, *(source.directory for source in sources)) if directory])
     _device(recipe)  # refuse a device the resources cannot give, before planning
     passes, state_tensors = footprint(recipe.method.name, recipe.svc_alpha() is not None)
     planned = partial(
@@ -115,7 +130,18 @@ def prepare(recipe: Recipe, out: str | Path | None = None, allow_pickle: bool = 
         check_fits(unit, recipe.runtime.memory)
     return Prepared(recipe=recipe, target=target, base=base, sources=sources, plan=plan,
                     vocabulary=vocabulary, tokenizer_directory=tokenizer_directory,
-                    tokenizer_json=tokenizer_json, chat_template=chat_template, slices=slices)
+                    tokenizer_json=tokenizer_json, chat_template=chat_template, slices=slices,
+                    remote=remote)
+
+
+def _remote_output(recipe: Recipe, location: str, inputs: list[str]) -> RemoteOutput:
+    if recipe.output.push_to_hub:
+        raise RecipeError(f"output.push_to_hub: pushing an output stored at {location} is not "
+                          "supported yet; merge to a local output.path to push it, or drop "
+                          "push_to_hub")
+    remote = RemoteOutput(location, recipe.storage)
+    remote.check(inputs)
+    return remote
 
 
 def _check_method(settings: MethodSettings, tensors, num_sources: int,
@@ -160,13 +186,18 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         if device == "cuda":
             check_device_memory(plan.units, gpu_memory_per_task(runtime.num_gpus),
                                 runtime.num_gpus)
-        refuse_concurrent_writer(staging.path)  # before touching another merge's directory
+        remote = prepared.remote
+        # before touching another merge's directory
+        refuse_concurrent_writer(remote.staging_uri if remote else staging.path)
         hasher = SourceHasher([prepared.base, *prepared.sources])
         try:
             directory = staging.open(key)
-            check_free_space(directory, layout)
+            if remote:
+                remote.progress(key)  # the store answers, and another merge's staging goes
+            check_free_space(directory, layout, at_most=(runtime.max_in_flight + 1) * max(
+                shard.size for shard in layout.shards) if remote else None)
             unit_stats, seconds, resumed = _merge_units(job, plan, layout, directory, key,
-                                                        runtime, show_progress)
+                                                        runtime, show_progress, remote)
             summary = _summary(plan, unit_stats, seconds) | {
                 "resumed_units": resumed, "cluster": session.address,
                 "private_cluster": session.private, "device": device,
@@ -179,14 +210,21 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
             summary["submission_id"] = submission_id(recipe, identities_of(prepared))
             with disk_errors(directory, "writing metadata"):
                 _write_metadata(prepared, directory, layout, unit_stats, summary, hashes)
-                staging.publish()
+                if remote:
+                    remote.publish(directory, [shard.file_name for shard in layout.shards])
+                    staging.discard()
+                else:
+                    staging.publish()
         except ClusterLostError as error:  # not the input's fault: keep what is done
             hasher.cancel()
-            raise ClusterLostError(f"{error}; the finished units are kept in {staging.path}: "
+            kept = remote.staging_uri if remote else staging.path
+            raise ClusterLostError(f"{error}; the finished units are kept in {kept}: "
                                    "rerun the same command to resume") from None
         except RaymergeError:  # bad input or output: nothing to resume
             hasher.cancel()
             staging.discard()
+            if remote:
+                _discard_quietly(remote)
             raise
         except BaseException:
             hasher.cancel()
@@ -195,7 +233,15 @@ def run_merge(prepared: Prepared, address: str | None = None, show_progress: boo
         summary["hub_commit"] = push_to_hub(prepared.target, recipe.output.push_to_hub,
                                             commit_message(prepared, summary),
                                             private=recipe.output.private)
-    return MergeResult(output=prepared.target, plan=plan, summary=summary)
+    return MergeResult(output=prepared.output, plan=plan, summary=summary)
+
+
+def _discard_quietly(remote: RemoteOutput) -> None:
+    """Remove a failed merge's staging prefix; the merge's own error is the one to report."""
+    try:
+        remote.discard()
+    except RaymergeError:
+        pass
 
 
 def _jobs(prepared: Prepared) -> MergeJob | list[MergeJob]:
@@ -260,18 +306,19 @@ def _factor_cache(prepared: Prepared) -> FactorCacheSpec | None:
 
 
 def _merge_units(job: MergeJob | list[MergeJob], plan: Plan, layout, directory: Path, key: str,
-                 runtime, show_progress: bool) -> tuple[list[dict], float, int]:
+                 runtime, show_progress: bool, remote: RemoteOutput | None = None
+                 ) -> tuple[list[dict], float, int]:
     """Every unfinished unit through the Ray tasks into the writer actor; (unit statistics,
-    seconds, units resumed from the progress log)."""
-    import ray
+    seconds, units resumed from the progress log). For an output in a store, units run in the
+    layout's order, so that shards fill (and upload) one after another."""
 
-    from raymerge.distributed.runner import run_units
+    from raymerge.distributed.runner import run_units, writer_call
     from raymerge.distributed.writer import start_writer, stop_writer
 
     started = time.perf_counter()  # merge time: the cluster's start-up is not counted
-    writer = start_writer(directory, layout, key)
+    writer = start_writer(directory, layout, key, remote)
     try:
-        finished = ray.get(writer.finished.remote())
+        finished = writer_call(writer.finished.remote())
         unit_stats: list[dict] = list(finished.values())
         with MergeProgress(plan, enabled=show_progress) as progress:
             for stats in unit_stats:
@@ -281,9 +328,11 @@ def _merge_units(job: MergeJob | list[MergeJob], plan: Plan, layout, directory: 
                 unit_stats.append(stats)
                 progress.advance(stats)
 
-            todo = [unit for unit in plan.largest_first() if unit.index not in finished]
+            order = sorted(plan.units, key=lambda unit: unit.index) if remote else \
+                plan.largest_first()
+            todo = [unit for unit in order if unit.index not in finished]
             run_units(job, todo, writer, runtime, done)
-        ray.get(writer.close.remote())
+        writer_call(writer.close.remote())
     finally:  # also on failure: on a long-lived cluster nothing may outlive the merge
         stop_writer(writer)
     return unit_stats, time.perf_counter() - started, len(finished)

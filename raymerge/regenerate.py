@@ -97,10 +97,10 @@ def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force
     try:
         prepared = prepare(_recipe(entry, registry, root))
         sid = submission_id(prepared.recipe, identities_of(prepared))
-        outcome = Outcome(entry.name, "merged", str(prepared.target), sid,
+        outcome = Outcome(entry.name, "merged", str(prepared.output), sid,
                           {"sources": identities_of(prepared)})
         repo = prepared.recipe.output.push_to_hub
-        if not force and _published_id(prepared.target) == sid:
+        if not force and _published_id(prepared) == sid:
             outcome.status = "unchanged"
             if repo and pushed_submission_id(repo) != sid:  # an earlier push failed
                 outcome.status = "would-push" if dry_run else "pushed"
@@ -144,11 +144,15 @@ def _recipe(entry: ModelEntry, registry: Registry, root: Path):
     return recipe.model_copy(update=updates)
 
 
-def _published_id(target: Path) -> str | None:
+def _published_id(prepared) -> str | None:
+    """The submission id in the published output's manifest (in its store, for an output
+    there): None when there is no complete output."""
     from raymerge.output.staging import MANIFEST_NAME
 
+    if prepared.remote is not None:
+        return prepared.remote.published_id()
     try:
-        return json.loads((target / MANIFEST_NAME).read_text()).get("submission_id")
+        return json.loads((prepared.target / MANIFEST_NAME).read_text()).get("submission_id")
     except (OSError, ValueError, AttributeError):
         return None
 
@@ -159,4 +163,5 @@ def _running(prepared) -> bool:
     from raymerge.merge import layout_and_key
     from raymerge.output.staging import Staging
 
-    return running_merge_key(Staging(prepared.target).path) == layout_and_key(prepared)[1]
+    place = prepared.remote.staging_uri if prepared.remote else Staging(prepared.target).path
+    return running_merge_key(place) == layout_and_key(prepared)[1]

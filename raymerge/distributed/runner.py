@@ -65,3 +65,14 @@ def run_units(
 def _cancel(refs) -> None:
     for ref in refs:
         ray.cancel(ref, force=False)
+
+
+def writer_call(ref: ray.ObjectRef):
+    """The result of a call to the writer actor; its own error (a full disk, a store that went
+    away) raised as itself, as a task's is."""
+    try:
+        return ray.get(ref)
+    except RayTaskError as error:
+        if isinstance(error.cause, RaymergeError):
+            raise error.cause from None
+        raise

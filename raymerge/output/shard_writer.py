@@ -18,17 +18,29 @@ _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 class ShardWriter:
     """Creates every shard with its final header and size, then fills tensor bytes in any order.
     With `written` (tensors already on disk, from the progress log) the shards are reopened as
-    they are, for a resumed merge."""
+    they are, for a resumed merge. Shards in `elsewhere` (already in the output's store) are not
+    created: their tensors count as written and writes to them are dropped (a resumed unit
+    rewrites the same bytes)."""
 
     def __init__(self, directory: str | Path, layout: ShardLayout,
-                 written: set[str] | None = None) -> None:
+                 written: set[str] | None = None, elsewhere: frozenset[int] = frozenset()
+                 ) -> None:
         self.directory = Path(directory)
         self.layout = layout
-        self.written: set[str] = set(written or ())
-        self._fds = []
+        self.elsewhere = elsewhere
+        self.written: set[str] = set(written or ()) | {
+            name for name, slot in layout.slots.items() if slot.shard in elsewhere}
+        self._remaining = [0] * len(layout.shards)  # tensors each shard still waits for
+        for name, slot in layout.slots.items():
+            self._remaining[slot.shard] += name not in self.written
+        # whole already (a resumed merge): reported by the first take_completed()
+        self._completed = [number for number, left in enumerate(self._remaining)
+                           if left == 0 and number not in elsewhere]
+        self._fds: list[int | None] = []
         with disk_errors(self.directory, "creating the shards"):
-            for shard in layout.shards:
-                self._fds.append(self._open(shard, resume=written is not None))
+            for number, shard in enumerate(layout.shards):
+                self._fds.append(None if number in elsewhere else
+                                 self._open(shard, resume=written is not None))
 
     def _open(self, shard, resume: bool) -> int:
         path = self.directory / shard.file_name
@@ -52,6 +64,8 @@ class ShardWriter:
         with disk_errors(self.directory, "writing"):
             for name, array in tensors.items():
                 slot = self.layout.slots[name]
+                if slot.shard in self.elsewhere:
+                    continue
                 data = memoryview(np.ascontiguousarray(array)).cast("B")
                 if data.nbytes != slot.nbytes:
                     raise ValueError(f"{name}: got {data.nbytes} bytes, layout expects "
@@ -65,8 +79,26 @@ class ShardWriter:
                 written += slot.nbytes
             for fd in touched if flush else ():
                 os.fdatasync(fd)
+        for name in tensors.keys() - self.written:
+            shard = self.layout.slots[name].shard
+            self._remaining[shard] -= 1
+            if self._remaining[shard] == 0:
+                self._completed.append(shard)
         self.written.update(tensors)
         return written
+
+    def take_completed(self) -> list[int]:
+        """Shards whose every tensor has been written since the last call."""
+        completed, self._completed = self._completed, []
+        return completed
+
+    def finish(self, shard: int) -> Path:
+        """Flush and close a completed shard; its path (to upload)."""
+        with disk_errors(self.directory, "finishing"):
+            os.fsync(self._fds[shard])
+            os.close(self._fds[shard])
+        self._fds[shard] = None
+        return self.directory / self.layout.shards[shard].file_name
 
     def close(self) -> None:
         """Flush every shard to disk and write the index; fails if a tensor was never written."""
@@ -75,14 +107,16 @@ class ShardWriter:
             raise RuntimeError(f"{len(missing)} tensors were never written, e.g. {missing[0]}")
         with disk_errors(self.directory, "finishing"):
             for fd in self._fds:
-                os.fsync(fd)
-                os.close(fd)
+                if fd is not None:
+                    os.fsync(fd)
+                    os.close(fd)
             self._fds = []
             (self.directory / INDEX_NAME).write_text(self.layout.index_json())
 
     def abort(self) -> None:
         for fd in self._fds:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         self._fds = []
 
 

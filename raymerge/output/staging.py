@@ -38,10 +38,13 @@ def check_output_path(target: Path, input_directories: list[Path]) -> None:
         raise OutputError(f"output {target}: cannot write in {parent}; check permissions")
 
 
-def check_free_space(directory: Path, layout: ShardLayout) -> None:
-    """Refuse to start when the shards still to be written cannot fit on the output's disk."""
+def check_free_space(directory: Path, layout: ShardLayout, at_most: int | None = None) -> None:
+    """Refuse to start when the shards still to be written cannot fit on the output's disk
+    (`at_most`: an output bound for a store keeps only the shards being filled)."""
     present = sum(_allocated(directory / shard.file_name) for shard in layout.shards)
     needed = sum(shard.size for shard in layout.shards) - present
+    if at_most is not None:
+        needed = min(needed, at_most)
     free = shutil.disk_usage(directory).free
     if needed > free:
         raise OutputError(
