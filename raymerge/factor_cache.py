@@ -4,7 +4,9 @@ A source's truncated SVD depends only on the base, the source, the tensor, its w
 SVD's settings, never on the other sources: a merge that adds one fine-tune to twenty recomputes
 only the new one's SVDs. Entries are safetensors files named by the sha256 of that key, written
 to a temporary name and renamed, so concurrent writers (several nodes on a shared volume) and
-interrupted writes never leave a torn entry."""
+interrupted writes never leave a torn entry. The root may be an object-store prefix (s3://,
+gs://): an entry is then one object, written by one PUT (atomic: never torn either), and every
+node reaches it without a shared volume."""
 
 from __future__ import annotations
 
@@ -17,7 +19,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save, save_file
+
+from raymerge.store.objects import filesystem_for, scheme_of
+from raymerge.store.settings import StorageSettings
 
 FORMAT = "raymerge-factor-cache/1"
 
@@ -29,6 +34,7 @@ class FactorCacheSpec:
     root: str
     base: str  # identity of the base
     sources: tuple[str, ...]  # identity of each source, in recipe order
+    storage: StorageSettings | None = None  # a root in an object store: its endpoint, region
 
 
 class FactorCache:
@@ -46,9 +52,12 @@ class FactorCache:
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
     def get(self, key: str, device: torch.device) -> dict[str, torch.Tensor] | None:
-        path = self._path(key)
         try:
-            tensors = load_file(path, device=str(device))
+            if scheme_of(self.spec.root):
+                tensors = {name: tensor.to(device) for name, tensor in load(
+                    self._object(key, lambda filesystem, path: _read(filesystem, path))).items()}
+            else:
+                tensors = load_file(self._path(key), device=str(device))
         except (OSError, SafetensorError):  # absent, or unreadable: recompute
             self.misses += 1
             return None
@@ -56,7 +65,16 @@ class FactorCache:
         return tensors
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Store an entry; a read-only or full cache volume only costs later merges a recompute."""
+        """Store an entry; a read-only or full cache volume (or a store refusing the write) only
+        costs later merges a recompute."""
+        if scheme_of(self.spec.root):
+            data = save({name: tensor.contiguous().cpu() for name, tensor in tensors.items()},
+                        metadata={"format": FORMAT})
+            try:
+                self._object(key, lambda filesystem, path: _write(filesystem, path, data))
+            except OSError:
+                pass
+            return
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,3 +91,19 @@ class FactorCache:
 
     def _path(self, key: str) -> Path:
         return self.root / key[:2] / f"{key}.safetensors"
+
+    def _object(self, key: str, what):
+        filesystem, path = filesystem_for(
+            f"{self.spec.root.rstrip('/')}/{key[:2]}/{key}.safetensors",
+            self.spec.storage or StorageSettings())
+        return what(filesystem, path)
+
+
+def _read(filesystem, path: str) -> bytes:
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
+def _write(filesystem, path: str, data: bytes) -> None:
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(data)

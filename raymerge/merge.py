@@ -299,7 +299,8 @@ def _factor_cache(prepared: Prepared) -> FactorCacheSpec | None:
         return None
     identities = identities_of(prepared)
     return FactorCacheSpec(
-        root=str(Path(root).expanduser().resolve()),
+        root=root.rstrip("/") if scheme_of(root) else str(Path(root).expanduser().resolve()),
+        storage=prepared.recipe.storage,
         base=identities[prepared.base.label],
         sources=tuple(identities[source.label] for source in prepared.sources),
     )

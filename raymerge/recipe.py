@@ -274,8 +274,8 @@ class Recipe(StrictModel):
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Read a raymerge or mergekit YAML file into a validated Recipe."""
-    path = Path(path)
+    """Read a raymerge or mergekit YAML file (a local path or an object-store URI) into a
+    validated Recipe."""
     data = read_yaml(path, "recipe")
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {path} must be a mapping with 'base', 'sources' and 'method'")

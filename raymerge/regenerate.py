@@ -31,6 +31,8 @@ from raymerge.errors import RaymergeError
 from raymerge.identity import submission_id
 from raymerge.output.hub import commit_message, push_to_hub, pushed_submission_id
 from raymerge.recipe import StrictModel, load_recipe, read_yaml, recipe_from_dict, validate_config
+from raymerge.store import join
+from raymerge.store.objects import scheme_of
 
 
 class ModelEntry(StrictModel):
@@ -68,13 +70,17 @@ class Outcome:
                 "submission_id": self.submission_id, **self.detail}
 
 
-def load_registry(path: str | Path) -> tuple[Registry, Path]:
-    path = Path(path)
+def load_registry(path: str | Path) -> tuple[Registry, str]:
+    """The registry (a local file or an object-store URI) and the directory or prefix its
+    recipes' relative paths start from."""
     data = read_yaml(path, "registry")
-    return validate_config(Registry, data, f"registry {path}"), path.resolve().parent
+    registry = validate_config(Registry, data, f"registry {path}")
+    if scheme_of(str(path)):
+        return registry, str(path).rsplit("/", 1)[0]
+    return registry, str(Path(path).resolve().parent)
 
 
-def regenerate(registry: Registry, root: Path, address: str | None = None, force: bool = False,
+def regenerate(registry: Registry, root: str, address: str | None = None, force: bool = False,
                dry_run: bool = False, on_outcome=None) -> list[Outcome]:
     """Every model in order; `on_outcome(outcome)` is called as each one is decided."""
     from raymerge.distributed.cluster import ray_session
@@ -89,7 +95,7 @@ def regenerate(registry: Registry, root: Path, address: str | None = None, force
     return outcomes
 
 
-def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force: bool,
+def _one_model(entry: ModelEntry, registry: Registry, root: str, address, force: bool,
                dry_run: bool) -> Outcome:
     from raymerge.merge import identities_of, prepare, run_merge
 
@@ -130,11 +136,11 @@ def _one_model(entry: ModelEntry, registry: Registry, root: Path, address, force
     return outcome
 
 
-def _recipe(entry: ModelEntry, registry: Registry, root: Path):
+def _recipe(entry: ModelEntry, registry: Registry, root: str):
     if isinstance(entry.recipe, dict):
         recipe = recipe_from_dict(entry.recipe, origin=f"registry model {entry.name}")
     else:
-        recipe = load_recipe(root / entry.recipe)
+        recipe = load_recipe(join(root, entry.recipe))
     updates: dict[str, Any] = {}
     if entry.output is not None:
         updates["output"] = recipe.output.model_copy(update={"path": entry.output})

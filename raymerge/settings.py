@@ -175,13 +175,19 @@ def method_settings_class(name: str) -> type[MethodSettings]:
     return known[name]
 
 
-def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's data (safe_load: no tags that construct objects); RecipeError in one line
-    naming `what` (recipe, tune config, registry) when it is missing or not YAML."""
+def read_yaml(path: Path | str, what: str) -> Any:
+    """A YAML file's data (safe_load: no tags that construct objects), from a local path or an
+    object-store URI (s3://…, credentials and endpoint from the environment); RecipeError in one
+    line naming `what` (recipe, tune config, registry) when it is missing or not YAML."""
+    from raymerge.store import read_text
+
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(read_text(str(path)))
     except FileNotFoundError:
         raise RecipeError(f"{what} {path} not found: check the path") from None
+    except OSError as error:
+        raise RecipeError(f"{what} {path}: {one_line(error)}; check the credentials and "
+                          "AWS_ENDPOINT_URL (or the path)") from None
     except yaml.YAMLError as error:
         raise RecipeError(f"{what} {path} is not valid YAML: {one_line(error)}") from None
 

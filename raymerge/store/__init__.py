@@ -16,11 +16,11 @@ from raymerge.store.base import (
 )
 from raymerge.store.hub import HttpFile, HubStore, cached_snapshot, is_hub_id
 from raymerge.store.local import LocalFile, LocalStore
-from raymerge.store.objects import ObjectFile, ObjectStore, scheme_of
+from raymerge.store.objects import ObjectFile, ObjectStore, read_object, scheme_of
 from raymerge.store.settings import StorageSettings
 
 __all__ = ["WEIGHT_SUFFIXES", "ByteSource", "FileFacts", "StorageSettings", "Store",
-           "StoreUnavailableError", "is_remote", "open_bytes", "open_store"]
+           "StoreUnavailableError", "is_remote", "join", "open_bytes", "open_store", "read_text"]
 
 
 def is_remote(location: str) -> bool:
@@ -60,3 +60,21 @@ def open_bytes(uri: str, storage: StorageSettings | None = None) -> ByteSource:
     if uri.startswith(("https://", "http://")):
         return HttpFile(uri, storage)
     return LocalFile(uri)
+
+
+def read_text(location: str, storage: StorageSettings | None = None) -> str:
+    """A small text file (a recipe, a registry) from a local path or an object-store URI;
+    FileNotFoundError when there is none, OSError (secrets blanked) when the store refuses."""
+    if not scheme_of(location):
+        return Path(location).expanduser().read_text()
+    return read_object(location, storage or StorageSettings()).decode()
+
+
+def join(root: str | Path, name: str) -> str:
+    """`name` relative to a directory or an object-store prefix (an absolute name or URI as
+    it is)."""
+    if scheme_of(name) or Path(name).is_absolute():
+        return name
+    if scheme_of(str(root)):
+        return f"{str(root).rstrip('/')}/{name}"
+    return str(Path(root) / name)

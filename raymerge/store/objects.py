@@ -58,10 +58,7 @@ def _filesystem(scheme: str, endpoint: str | None, region: str | None, anonymous
     from pyarrow import fs
 
     if scheme == "s3":
-        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
-            os.environ.get("AWS_ENDPOINT_URL")
-        options = {"anonymous": anonymous, "region": region or os.environ.get(
-            "AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or "us-east-1",
+        options = {"anonymous": anonymous, "region": region,
             "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=2),
             "connect_timeout": 5, "request_timeout": 60}
         if endpoint:
@@ -81,9 +78,39 @@ def filesystem_for(location: str, storage: StorageSettings):
     scheme = scheme_of(location)
     rest = location.split("://", 1)[1].strip("/")
     authority = rest.split("/", 1)[0] if scheme in ("abfs", "az") else ""
-    filesystem = _filesystem(scheme, storage.endpoint, storage.region, storage.anonymous,
-                             authority)
+    endpoint, region = storage.endpoint, storage.region
+    if scheme == "s3":  # the environment's, resolved here: it is part of the cache's key
+        endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+            os.environ.get("AWS_ENDPOINT_URL")
+        region = region or os.environ.get("AWS_DEFAULT_REGION") or \
+            os.environ.get("AWS_REGION") or "us-east-1"
+    filesystem = _filesystem(scheme, endpoint, region, storage.anonymous, authority)
     return filesystem, rest
+
+
+def read_object(uri: str, storage: StorageSettings) -> bytes:
+    """A whole (small) object: FileNotFoundError when absent, OSError with the store's reason
+    (secrets blanked) when it refuses; transient errors retried."""
+    filesystem, path = filesystem_for(uri, storage)
+
+    def attempt():
+        try:
+            with filesystem.open_input_stream(path) as stream:
+                return stream.read()
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            message = without_secrets(str(error))
+            if any(marker in message for marker in ("NoSuchKey", "NO_SUCH_KEY", "does not exist",
+                                                    "HTTP status 404")):
+                raise FileNotFoundError(uri) from None
+            if any(marker in message for marker in _USER_ERRORS):
+                raise OSError(f"{uri}: {message[:300]}") from None
+            raise Transient(message[:300]) from None
+    try:
+        return with_retries(attempt, uri, storage.retries)
+    except StoreUnavailableError as error:
+        raise OSError(f"{uri}: the store did not answer ({error.reason})") from None
 
 
 class ObjectFile:

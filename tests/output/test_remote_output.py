@@ -137,3 +137,49 @@ def test_an_output_prefix_holding_other_files_is_refused(float32_family, s3_serv
     assert main(["merge", str(path), "--no-progress"]) == 2
     assert "is not a raymerge output" in capsys.readouterr().err
     assert objects(bucket, f"{BUCKET}/someone-else") == {"data.csv": b"a,b\n"}
+
+
+def put(filesystem, path: str, text: str) -> None:
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(text.encode())
+
+
+def test_regenerate_with_registry_recipes_outputs_and_factor_cache_in_s3(
+        ray_cluster, float32_family, s3_server, bucket, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.endpoint_url)  # the registry's reader
+    monkeypatch.setenv("RAYMERGE_STAGING", str(tmp_path / "driver"))
+    base, sources = float32_family["base"], float32_family["sources"]
+
+    def axis(count: int) -> str:
+        return yaml.safe_dump({
+            "base": str(base), "sources": [str(p) for p in sources[:count]],
+            "method": {"name": "axis", "k": 6}, "calibrate": {"svc": {"alpha": "auto"}},
+            "output": {"path": f"s3://{BUCKET}/nightly/team"},
+            "storage": {"endpoint": s3_server.endpoint_url}})
+
+    put(bucket, f"{BUCKET}/config/recipes/team.yaml", axis(2))
+    put(bucket, f"{BUCKET}/config/registry.yaml", yaml.safe_dump({
+        "factor_cache": f"s3://{BUCKET}/factors",
+        "models": [{"name": "missing", "recipe": "recipes/missing.yaml"},
+                   {"name": "team", "recipe": "recipes/team.yaml"}]}))
+    registry = f"s3://{BUCKET}/config/registry.yaml"
+
+    def regenerate() -> dict[str, dict]:
+        code = main(["regenerate", registry, "--json"])
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
+                 if line.startswith("{")]
+        assert code == 1 and lines[-1]["failed"] == ["missing"]  # reported; the next one ran
+        return {line["name"]: line for line in lines[:-1]}
+
+    first = regenerate()
+    assert "recipes/missing.yaml not found" in first["missing"]["error"]
+    assert first["team"]["status"] == "merged" and first["team"]["factor_cache_hits"] == 0
+    assert first["team"]["factor_cache_misses"] == 2 * 3 * 7  # two sources, 21 matrices
+    assert objects(bucket, f"{BUCKET}/factors")
+    assert regenerate()["team"]["status"] == "unchanged"
+    put(bucket, f"{BUCKET}/config/recipes/team.yaml", axis(3))  # a new fine-tune lands
+    third = regenerate()["team"]
+    assert third["status"] == "merged" and third["submission_id"] != first["team"]["submission_id"]
+    assert (third["factor_cache_hits"], third["factor_cache_misses"]) == (2 * 21, 21)
+    stored = json.loads(objects(bucket, f"{BUCKET}/nightly/team")["raymerge_manifest.json"])
+    assert stored["submission_id"] == third["submission_id"]
