@@ -216,9 +216,14 @@ class RemoteOutput:
 
     def discard(self) -> None:
         """Remove the staging prefix (a finished or failed merge's)."""
+        from pyarrow import fs
+
         _, path = self._path(self.staging_uri)
-        self._call(lambda filesystem: filesystem.delete_dir_contents(path, missing_dir_ok=True),
-                   "removing its staging")
+
+        def delete(filesystem):  # the prefix's directory marker too, where the store keeps one
+            if filesystem.get_file_info(path).type != fs.FileType.NotFound:
+                filesystem.delete_dir(path)
+        self._call(delete, "removing its staging")
 
     def published_id(self) -> str | None:
         """The submission id of the complete output at the target, or None."""

@@ -6,9 +6,7 @@ TensorInfo."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 
 from raymerge.errors import SourceError
@@ -16,30 +14,17 @@ from raymerge.sources.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, _re
 from raymerge.sources.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LoraAdapter, open_lora
 from raymerge.sources.safetensors_header import TensorInfo, read_header_from
 from raymerge.store import WEIGHT_SUFFIXES, FileFacts, StorageSettings, Store
+from raymerge.store.download import copy_files
 
 SMALL_FILE_LIMIT = 64 << 20  # a tokenizer.json is tens of MB; anything larger is not metadata
 
 
 def metadata_folder(store: Store, files: dict[str, FileFacts]) -> Path:
-    """A local folder with the store's small files, fetched once per content (named by their
-    identities: a changed file is fetched again, an unchanged one never)."""
+    """A local folder with the store's small files (config, tokenizer, index, adapter config),
+    fetched once per content."""
     small = {name: facts for name, facts in files.items()
              if not name.endswith(WEIGHT_SUFFIXES) and facts.size <= SMALL_FILE_LIMIT}
-    key = hashlib.sha256(json.dumps(
-        [store.label, sorted((n, f.size, f.identity) for n, f in small.items())]).encode())
-    root = Path(os.environ.get("RAYMERGE_CACHE") or Path.home() / ".cache" / "raymerge")
-    folder = root / "stores" / key.hexdigest()[:24]
-    if (folder / ".complete").exists():
-        return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    for name in small:
-        target = folder / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(target.name + ".part")
-        partial.write_bytes(store.read(name))
-        partial.replace(target)
-    (folder / ".complete").write_text("")
-    return folder
+    return copy_files(store, small, "stores")
 
 
 def open_remote(store: Store, storage: StorageSettings) -> Checkpoint | LoraAdapter:

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..recipe import StrictModel, read_yaml, validate_config
+from ..store.settings import StorageSettings
 
 
 class DataSpec(StrictModel):
@@ -33,6 +34,8 @@ class OptimizerSpec(StrictModel):
 
 
 class TuneConfig(StrictModel):
+    # merged, base, data, output and storage_path may be local paths or object-store URIs
+    # (s3://, gs://; merged and base also Hub ids), credentials from the environment
     merged: str  # an AXIS merge: a checkpoint with spectral_factors/
     base: str  # the base model the merge was made from
     data: DataSpec
@@ -52,8 +55,8 @@ class TuneConfig(StrictModel):
     storage_path: str = "./raymerge_tune_runs"
     run_name: str | None = None  # same name and storage_path: a rerun continues
     seed: int = 0
+    storage: StorageSettings = StorageSettings()  # endpoint, region for the URIs above
 
 
 def load_tune_config(path: str | Path) -> TuneConfig:
-    path = Path(path)
     return validate_config(TuneConfig, read_yaml(path, "tune config"), str(path))

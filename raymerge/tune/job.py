@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
 from safetensors.torch import load_file
 
 from ..errors import RaymergeError
+from ..output.remote import RemoteOutput, local_directory
 from ..output.staging import check_output_path
+from ..store import is_remote
+from ..store.download import local_copy
+from ..store.objects import filesystem_for, scheme_of
 from .config import TuneConfig
 from .data import DATA_CPUS, packed_datasets
 from .fold import write_folded_checkpoint
@@ -25,17 +30,28 @@ def run_tune(settings: TuneConfig, address: str | None = None,
 
     from ..distributed.cluster import ray_session
 
-    merged, target = Path(settings.merged).resolve(), Path(settings.output).resolve()
-    check_output_path(target, [merged, Path(settings.base).resolve()])
+    merged = local_copy(settings.merged, settings.storage, complete_output=True)
+    base = local_copy(settings.base, settings.storage)
+    remote = None
+    if scheme_of(settings.output):
+        remote = RemoteOutput(settings.output, settings.storage)
+        remote.check([settings.merged, settings.base])
+        target = local_directory(settings.output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+    else:
+        target = Path(settings.output).resolve()
+        check_output_path(target, [merged, base])
     check_tokenizer(merged)
-    settings = settings.model_copy(update={
-        "merged": str(merged), "base": str(Path(settings.base).resolve()),
-        "storage_path": str(Path(settings.storage_path).resolve())})
-    run_name = settings.run_name or f"tune-{merged.name}"
+    settings = settings.model_copy(update={  # a store's URIs stay: each worker copies them
+        "merged": settings.merged if is_remote(settings.merged) else str(merged),
+        "base": settings.base if is_remote(settings.base) else str(base),
+        "storage_path": settings.storage_path if scheme_of(settings.storage_path)
+        else str(Path(settings.storage_path).resolve())})
+    run_name = settings.run_name or f"tune-{settings.merged.rstrip('/').rsplit('/', 1)[-1]}"
     started = time.perf_counter()
     with ray_session(address):
         settings = fit_to_cluster(settings)
-        train, evaluation = packed_datasets(settings, str(merged))
+        train, evaluation = packed_datasets(settings, settings.merged)
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"tune": settings.model_dump(mode="json"), "run_name": run_name,
@@ -43,8 +59,7 @@ def run_tune(settings: TuneConfig, address: str | None = None,
             scaling_config=ScalingConfig(num_workers=settings.num_workers,
                                          use_gpu=settings.use_gpu,
                                          resources_per_worker={"CPU": settings.cpus_per_worker}),
-            run_config=RunConfig(name=run_name,
-                                 storage_path=settings.storage_path,
+            run_config=RunConfig(name=run_name, **_storage(settings),
                                  failure_config=FailureConfig(max_failures=settings.max_failures)),
             datasets={"train": train, "eval": evaluation},
         )
@@ -69,7 +84,19 @@ def run_tune(settings: TuneConfig, address: str | None = None,
     }
     write_folded_checkpoint(merged, target, folded_weights(settings, sigmas),
                             {"tuning": report}, _card(settings, report))
-    return {**report, "output": str(target), "sigmas": sigmas}
+    if remote is not None:  # staged here, then into the store, manifest last
+        remote.publish(target, [])
+        shutil.rmtree(target, ignore_errors=True)
+    return {**report, "output": settings.output if remote else str(target), "sigmas": sigmas}
+
+
+def _storage(settings: TuneConfig) -> dict:
+    """RunConfig's storage: a local directory, or an object-store prefix through the same
+    filesystem (endpoint, credentials) as the rest of raymerge."""
+    if not scheme_of(settings.storage_path):
+        return {"storage_path": settings.storage_path}
+    filesystem, path = filesystem_for(settings.storage_path, settings.storage)
+    return {"storage_path": path, "storage_filesystem": filesystem}
 
 
 def check_tokenizer(merged: Path) -> None:

@@ -13,6 +13,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..sources.checkpoint import Checkpoint, read_tensor
+from ..store.download import local_copy
+from ..store.objects import scheme_of
 from .config import TuneConfig
 from .factors import load_factors
 from .swap import attach_spectral_layers
@@ -25,9 +27,9 @@ def build_spectral_model(settings: TuneConfig):
     """The merged model (float32) with its AXIS matrices as SpectralLinear layers."""
     from transformers import AutoModelForCausalLM
 
-    merged = Path(settings.merged)
+    merged = local_copy(settings.merged, settings.storage)
     factors = load_factors(merged)
-    base = Checkpoint.open(settings.base, Path(settings.base))
+    base = Checkpoint.open(settings.base, local_copy(settings.base, settings.storage))
     base_weights = {name: read_tensor(base.tensors[name]).float() for name in factors}
     model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32,
                                                  trust_remote_code=False)
@@ -87,8 +89,16 @@ def train_loop(loop_config: dict) -> None:
         # Ray Train uploads a reported checkpoint to storage_path, except in local mode
         # (num_workers: 0), where the reported directory itself is the checkpoint.
         keep = None if settings.num_workers else (
-            Path(settings.storage_path) / loop_config["run_name"] / f"local-epoch-{epoch:04d}")
+            _local_runs(settings) / loop_config["run_name"] / f"local-epoch-{epoch:04d}")
         _report(progress, swapped, keep)
+
+
+def _local_runs(settings: TuneConfig) -> Path:
+    """Where local mode keeps its checkpoints: storage_path, or for one in a store (which Ray
+    Train does not upload to in local mode) a directory on this node."""
+    if scheme_of(settings.storage_path):
+        return Path(tempfile.gettempdir()) / "raymerge-tune-runs"
+    return Path(settings.storage_path)
 
 
 def _evaluate(model, shard, batch_size: int, device) -> float:
@@ -136,8 +146,8 @@ def _maybe_fail_once(loop_config: dict, epoch: int) -> None:
 def folded_weights(settings: TuneConfig, sigmas: dict[str, torch.Tensor]
                    ) -> dict[str, torch.Tensor]:
     """W = W_base + U·diag(σ_tuned)·Vᵀ, σ in the descending order the layers used."""
-    factors = load_factors(Path(settings.merged))
-    base = Checkpoint.open(settings.base, Path(settings.base))
+    factors = load_factors(local_copy(settings.merged, settings.storage))
+    base = Checkpoint.open(settings.base, local_copy(settings.base, settings.storage))
     folded = {}
     for name, (U, S, V) in factors.items():
         order = S.argsort(descending=True, stable=True)

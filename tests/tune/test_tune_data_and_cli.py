@@ -48,3 +48,4 @@ def test_tune_config_errors_point_at_the_key(tmp_path, capsys):
     assert main(["tune", str(config)]) == 2
     error = capsys.readouterr().err
     assert "prompt_column and response_column go together" in error and "lr" in error
+

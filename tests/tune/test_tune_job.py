@@ -24,7 +24,8 @@ def axis_merge(ray_cluster, float32_family, tmp_path_factory):
     for _ in range(600):  # counting sequences: a pattern σ alone can partly fit
         start = generator.randrange(0, 70)
         lines.append(json.dumps({"text": " ".join(f"w{start + i}" for i in range(20))}))
-    data = root / "train.jsonl"
+    (root / "data").mkdir()
+    data = root / "data" / "train.jsonl"
     data.write_text("\n".join(lines) + "\n")
     return {"root": root, "merged": merged, "base": float32_family["base"], "data": data}
 
@@ -81,21 +82,41 @@ def _tune_yaml(axis_merge, tmp_path, **overrides):
         "output": str(tmp_path / "tuned"), "storage_path": str(tmp_path / "runs"), **overrides})
 
 
-def test_the_readme_defaults_finish_and_a_rerun_with_the_same_name_continues(axis_merge,
-                                                                              tmp_path, capsys):
+def test_the_readme_defaults_finish_and_a_rerun_from_s3_continues(axis_merge, s3_server,
+                                                                   tmp_path, capsys):
+    """Merged model, base, data, Ray Train's storage_path and the tuned outputs all in S3, as a
+    nightly job on a cluster sharing nothing but the store: a rerun with the same name continues
+    from the checkpoint Ray Train left there."""
+    from pyarrow import fs
+
     from raymerge.cli import main
     from raymerge.tune.config import load_tune_config
 
-    config = _tune_yaml(axis_merge, tmp_path, run_name="continued")
+    bucket = "tuning"
+    for name, local in (("merged", axis_merge["merged"]), ("base", axis_merge["base"])):
+        s3_server.upload_directory(local, f"{bucket}/{name}")
+    s3_server.upload_directory(axis_merge["data"].parent, f"{bucket}/data")
+    in_s3 = {"merged": f"s3://{bucket}/merged", "base": f"s3://{bucket}/base",
+             "data": {"train": f"s3://{bucket}/data/train.jsonl", "eval_fraction": 0.2},
+             "storage_path": f"s3://{bucket}/runs", "run_name": "continued",
+             "storage": {"endpoint": s3_server.endpoint_url}}
+    config = _tune_yaml(axis_merge, tmp_path, **in_s3, output=f"s3://{bucket}/tuned")
     settings = load_tune_config(config)
     assert (settings.num_workers, settings.cpus_per_worker) == (2, None)  # the defaults
     assert main(["tune", str(config)]) == 0  # the session cluster has 2 CPUs
     assert "2 steps" in capsys.readouterr().out
-    first = json.loads((tmp_path / "tuned" / "raymerge_manifest.json").read_text())["tuning"]
+    store = s3_server.filesystem()
+    with store.open_input_stream(f"{bucket}/tuned/raymerge_manifest.json") as stream:
+        first = json.loads(stream.read())["tuning"]
     assert (first["epochs"], first["starts"], first["steps"]) == (1, 1, 2)
+    stored = {info.path for info in store.get_file_info(fs.FileSelector(bucket, recursive=True))}
+    assert any(path.startswith(f"{bucket}/runs/continued/") and path.endswith("sigma.safetensors")
+               for path in stored)  # Ray Train's checkpoint is in the store
+    assert f"{bucket}/tuned/model.safetensors.index.json" in stored
+    assert not any("raymerge-staging" in path for path in stored)
 
-    again = run_tune(load_tune_config(_tune_yaml(axis_merge, tmp_path, run_name="continued",
-                                                 epochs=2, output=str(tmp_path / "tuned-2"))))
+    again = run_tune(load_tune_config(_tune_yaml(axis_merge, tmp_path, **in_s3, epochs=2,
+                                                 output=str(tmp_path / "tuned-2"))))
     assert (again["epochs"], again["starts"], again["steps"]) == (2, 2, 4)
     assert again["eval_loss_before"] == first["eval_loss_before"]
     assert (tmp_path / "tuned-2" / "model.safetensors.index.json").exists()
