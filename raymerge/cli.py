@@ -171,12 +171,12 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from raymerge.inspect import inspect_checkpoint, plot_spectra
+    from raymerge.inspect import inspect_checkpoint, open_for_inspection, plot_spectra
 
-    directory = Path(args.directory)
-    print(inspect_checkpoint(directory, args.tensors))
+    print(inspect_checkpoint(args.directory, args.tensors))
     if args.plot:
-        drawn = plot_spectra(directory, Path(args.plot), args.tensors)
+        drawn = plot_spectra(open_for_inspection(args.directory)[1], Path(args.plot),
+                             args.tensors)
         print(f"plotted {len(drawn)} tensors to {args.plot}: {', '.join(drawn)}")
     return 0
 

@@ -1,5 +1,7 @@
 """`raymerge inspect DIR`: what a checkpoint holds, and for a raymerge output the statistics of
-its merge (AXIS selection, SVC γ), optionally a plot of spectra before and after calibration."""
+its merge (AXIS selection, SVC γ), optionally a plot of spectra before and after calibration.
+DIR may be in a store (s3://, gs://, a Hub id): its headers and small files are read, no
+weights."""
 
 from __future__ import annotations
 
@@ -11,13 +13,23 @@ from raymerge.errors import OutputError, RaymergeError
 from raymerge.output.staging import MANIFEST_NAME
 from raymerge.output.stats_table import STATS_NAME, read_stats_table
 from raymerge.sizes import format_size
+from raymerge.sources import resolve_checkpoint
 from raymerge.sources.checkpoint import Checkpoint
+from raymerge.store import is_remote
 
 
-def inspect_checkpoint(directory: Path, pattern: str | None = None) -> str:
-    checkpoint = Checkpoint.open(str(directory), directory)
+def open_for_inspection(location: str) -> tuple[Checkpoint, Path]:
+    """The checkpoint, and a local directory with its small files (the manifest, the stats)."""
+    if is_remote(location):
+        checkpoint = resolve_checkpoint(location)
+        return checkpoint, checkpoint.directory
+    return Checkpoint.open(location, Path(location)), Path(location)
+
+
+def inspect_checkpoint(location: str, pattern: str | None = None) -> str:
+    checkpoint, directory = open_for_inspection(location)
     names = [n for n in checkpoint.tensors if pattern is None or re.search(pattern, n)]
-    lines = [f"{directory}: {len(checkpoint.tensors)} tensors, "
+    lines = [f"{location}: {len(checkpoint.tensors)} tensors, "
              f"{format_size(checkpoint.nbytes)} in {len(checkpoint.files)} file(s)"]
     if (directory / MANIFEST_NAME).exists():
         manifest = json.loads((directory / MANIFEST_NAME).read_text())

@@ -105,6 +105,13 @@ def test_an_output_in_s3_resumes_from_the_store_and_equals_the_local_merge(
     assert objects(bucket, f"{BUCKET}/team/.merged.raymerge-staging") == {}
     assert not any((tmp_path / "driver-2").rglob("*.safetensors"))  # nothing left locally
 
+    # inspect reads it where it is (headers and small files: the manifest, the statistics)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    capsys.readouterr()
+    assert main(["inspect", uri]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"{uri}: 30 tensors") and "task_arithmetic of 2 sources" in printed
+
     # regenerate decides from the store's manifest
     registry = tmp_path / "registry.yaml"
     registry.write_text(yaml.safe_dump({"models": [{"name": "team", "recipe": "s3.yaml"}]}))
