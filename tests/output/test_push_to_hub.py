@@ -106,8 +106,47 @@ class FlakyHub(FakeHub):
         return str(FlakyHub.uploaded / filename)
 
 
+def test_a_push_failing_on_the_network_is_retried_and_a_refused_one_is_not(
+        ray_cluster, float32_family, tmp_path, capsys, monkeypatch):
+    from raymerge.output import hub
+
+    monkeypatch.setattr(hub, "PUSH_FIRST_WAIT_S", 0.01)
+
+    class TwiceFlaky(FlakyHub):
+        def upload_folder(self, folder_path, **kwargs):
+            TwiceFlaky.attempts += 1
+            FlakyHub.failing = TwiceFlaky.attempts <= 2
+            return super().upload_folder(folder_path, **kwargs)
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", TwiceFlaky)
+    TwiceFlaky.calls, TwiceFlaky.attempts, FlakyHub.uploaded = [], 0, None
+    out = tmp_path / "merged"
+    recipe = write_recipe(tmp_path / "recipe.yaml", {
+        "base": str(float32_family["base"]), "sources": [str(float32_family["sources"][0])],
+        "output": {"path": str(out), "push_to_hub": "org/merged-model"}})
+    assert main(["merge", str(recipe), "--no-progress"]) == 0
+    assert TwiceFlaky.attempts == 3 and FlakyHub.uploaded == out
+
+    class Refused(FakeHub):
+        def upload_folder(self, folder_path, **kwargs):
+            from huggingface_hub.errors import HfHubHTTPError
+
+            Refused.attempts += 1
+            raise HfHubHTTPError("403 Forbidden: no write access", response=SimpleNamespace(
+                headers={}, status_code=403, request=None))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", Refused)
+    Refused.calls, Refused.attempts = [], 0
+    capsys.readouterr()
+    assert main(["merge", str(recipe), "--no-progress"]) == 2
+    assert Refused.attempts == 1 and "403 Forbidden" in capsys.readouterr().err
+
+
 def test_a_failed_push_is_pushed_by_the_next_regenerate_without_merging_again(
         ray_cluster, float32_family, tmp_path, capsys, monkeypatch):
+    from raymerge.output import hub
+
+    monkeypatch.setattr(hub, "PUSH_FIRST_WAIT_S", 0.01)
     monkeypatch.setattr(huggingface_hub, "HfApi", FlakyHub)
     FlakyHub.calls, FlakyHub.failing, FlakyHub.uploaded = [], True, None
     out = tmp_path / "merged"
