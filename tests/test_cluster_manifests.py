@@ -40,9 +40,18 @@ def test_kuberay_cluster_job_and_cronjob_agree():
     worker_group = cluster["spec"]["workerGroupSpecs"][0]
     worker = worker_group["template"]["spec"]["containers"][0]
     assert worker["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    for container in (head, worker):
-        assert {"/dev/shm", "/models"} <= {mount["mountPath"] for mount in
-                                           container["volumeMounts"]}
+    secret = _load("secret-example.yaml")
+    for group in (cluster["spec"]["headGroupSpec"], worker_group):
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        assert ray.__version__ in container["image"]
+        mounts = {mount["name"]: mount["mountPath"] for mount in container["volumeMounts"]}
+        assert set(mounts.values()) == {"/dev/shm", "/scratch"}  # node-local only: no shared volume
+        assert all("persistentVolumeClaim" not in volume for volume in pod["volumes"])
+        assert {volume["name"] for volume in pod["volumes"]} == set(mounts)
+        # credentials from the Secret, in every pod
+        assert {"secretRef": {"name": secret["metadata"]["name"]}} in container["envFrom"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HF_TOKEN"} <= set(secret["stringData"])
 
     job = _load("kuberay-rayjob-merge.yaml")
     cron = _load("kuberay-raycronjob-merge.yaml")
@@ -53,7 +62,21 @@ def test_kuberay_cluster_job_and_cronjob_agree():
         module = _entrypoint_module(spec["entrypoint"])
         assert importlib.util.find_spec(module) is not None, module
         assert spec["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
-        assert yaml.safe_load(spec["runtimeEnvYAML"])["working_dir"]
+        # raymerge is in the image; the recipe or registry is in the store, no path a pod lacks
+        assert "runtimeEnvYAML" not in spec
+        assert spec["entrypoint"].split()[3].startswith("s3://")
+
+
+def test_the_dockerfile_builds_from_the_cluster_ray_and_passes_hadolint():
+    import subprocess
+    import sysconfig
+
+    dockerfile = CLUSTER / "Dockerfile"
+    text = dockerfile.read_text()
+    assert f"rayproject/ray:{ray.__version__}" in text and "pip install --no-cache-dir ./" in text
+    hadolint = Path(sysconfig.get_path("scripts")) / "hadolint"
+    run = subprocess.run([str(hadolint), str(dockerfile)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
 
 
 def test_runtime_env_lists_the_dependencies():
@@ -66,11 +89,11 @@ def test_example_registry_is_valid():
     from raymerge.regenerate import load_registry
 
     registry, root = load_registry(CLUSTER / "registry.yaml")
-    assert root == CLUSTER.resolve() and registry.factor_cache
+    assert root == str(CLUSTER.resolve()) and registry.factor_cache.startswith("s3://")
     assert [model.name for model in registry.models] == ["team-axis", "team-ties"]
     for model in registry.models:  # every recipe it names exists and is a valid recipe
         if isinstance(model.recipe, str):
             from raymerge.recipe import load_recipe
 
-            recipe = load_recipe(root / model.recipe)
+            recipe = load_recipe(Path(root) / model.recipe)
             assert recipe.output.path == model.output
