@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
 import ray
 import yaml
 
@@ -97,3 +98,48 @@ def test_example_registry_is_valid():
 
             recipe = load_recipe(Path(root) / model.recipe)
             assert recipe.output.path == model.output
+
+
+def _unknown_fields(value, schema: dict, where: str) -> list[str]:
+    """Fields the schema does not declare (the API server would prune them silently)."""
+    if isinstance(value, dict) and "properties" in schema and \
+            not schema.get("x-kubernetes-preserve-unknown-fields"):
+        found = [f"{where}.{key}" for key in value if key not in schema["properties"]]
+        for key, item in value.items():
+            if key in schema["properties"]:
+                found += _unknown_fields(item, schema["properties"][key], f"{where}.{key}")
+        return found
+    if isinstance(value, list) and "items" in schema:
+        return [field for index, item in enumerate(value)
+                for field in _unknown_fields(item, schema["items"], f"{where}[{index}]")]
+    return []
+
+
+@pytest.mark.parametrize("manifest, crd", [
+    ("kuberay-raycluster.yaml", "rayclusters"),
+    ("kuberay-rayjob-merge.yaml", "rayjobs"),
+    ("kuberay-raycronjob-merge.yaml", "raycronjobs"),
+])
+def test_kuberay_manifests_validate_against_the_crd_schemas(manifest, crd):
+    import gzip
+    import json
+
+    import jsonschema
+
+    data = json.loads(gzip.decompress((Path(__file__).parent / "data" / "kuberay" /
+                                       f"ray.io_{crd}.v1.json.gz").read_bytes()))
+    document = _load(manifest)
+    assert document["kind"] == data["kind"]
+    jsonschema.Draft7Validator(data["schema"]).validate(document)
+    assert _unknown_fields(document, data["schema"], document["kind"]) == []
+
+
+def test_the_strict_check_catches_a_misspelt_field():
+    import gzip
+    import json
+
+    data = json.loads(gzip.decompress((Path(__file__).parent / "data" / "kuberay" /
+                                       "ray.io_rayjobs.v1.json.gz").read_bytes()))
+    job = _load("kuberay-rayjob-merge.yaml")
+    job["spec"]["entryPoint"] = job["spec"].pop("entrypoint")
+    assert _unknown_fields(job, data["schema"], "RayJob") == ["RayJob.spec.entryPoint"]
