@@ -157,17 +157,29 @@ def test_regenerate_with_registry_recipes_outputs_and_factor_cache_in_s3(
     monkeypatch.setenv("RAYMERGE_STAGING", str(tmp_path / "driver"))
     base, sources = float32_family["base"], float32_family["sources"]
 
-    def axis(count: int) -> str:
+    def axis(count: int, name: str = "team") -> str:
         return yaml.safe_dump({
             "base": str(base), "sources": [str(p) for p in sources[:count]],
             "method": {"name": "axis", "k": 6}, "calibrate": {"svc": {"alpha": "auto"}},
-            "output": {"path": f"s3://{BUCKET}/nightly/team"},
+            "output": {"path": f"s3://{BUCKET}/nightly/{name}"},
             "storage": {"endpoint": s3_server.endpoint_url}})
 
+    import raymerge.merge
+
+    real = raymerge.merge.run_merge
+
+    def crashing(prepared, **kwargs):  # a bug, a library's error: not raymerge's own
+        if str(prepared.output).endswith("/crash"):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(prepared, **kwargs)
+
+    monkeypatch.setattr(raymerge.merge, "run_merge", crashing)
     put(bucket, f"{BUCKET}/config/recipes/team.yaml", axis(2))
+    put(bucket, f"{BUCKET}/config/recipes/crash.yaml", axis(2, "crash"))
     put(bucket, f"{BUCKET}/config/registry.yaml", yaml.safe_dump({
         "factor_cache": f"s3://{BUCKET}/factors",
         "models": [{"name": "missing", "recipe": "recipes/missing.yaml"},
+                   {"name": "crash", "recipe": "recipes/crash.yaml"},
                    {"name": "team", "recipe": "recipes/team.yaml"}]}))
     registry = f"s3://{BUCKET}/config/registry.yaml"
 
@@ -175,11 +187,12 @@ def test_regenerate_with_registry_recipes_outputs_and_factor_cache_in_s3(
         code = main(["regenerate", registry, "--json"])
         lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()
                  if line.startswith("{")]
-        assert code == 1 and lines[-1]["failed"] == ["missing"]  # reported; the next one ran
+        assert code == 1 and lines[-1]["failed"] == ["missing", "crash"]  # the next one ran
         return {line["name"]: line for line in lines[:-1]}
 
     first = regenerate()
     assert "recipes/missing.yaml not found" in first["missing"]["error"]
+    assert "the merge crashed (RuntimeError: CUDA error" in first["crash"]["error"]
     assert first["team"]["status"] == "merged" and first["team"]["factor_cache_hits"] == 0
     assert first["team"]["factor_cache_misses"] == 2 * 3 * 7  # two sources, 21 matrices
     assert objects(bucket, f"{BUCKET}/factors")
