@@ -24,17 +24,13 @@ from raymerge.errors import OutputError
 from raymerge.output.progress_log import PROGRESS_NAME
 from raymerge.output.staging import MANIFEST_NAME
 from raymerge.store.base import StoreUnavailableError, Transient, with_retries
-from raymerge.store.objects import filesystem_for, without_secrets
+from raymerge.store.objects import REFUSALS, filesystem_for, without_secrets
 from raymerge.store.settings import StorageSettings
 
 PROGRESS_OBJECT = "raymerge_progress.json"  # in staging: one object, replaced whole
 _FORMAT = "raymerge-remote-progress/1"
 _UPLOAD_CHUNK = 16 << 20
 _SERVER_COPY_LIMIT = 5 << 30  # S3's CopyObject takes at most 5 GiB; larger objects stream
-_USER_ERRORS = ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "NO_SUCH_BUCKET",
-                "InvalidAccessKeyId", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY_ID",
-                "SIGNATURE_DOES_NOT_MATCH", "Forbidden", "HTTP status 403", "HTTP status 401",
-                "PermissionDenied", "Unauthenticated", "ExpiredToken", "InvalidToken")
 
 
 class RemoteOutput:
@@ -63,7 +59,7 @@ class RemoteOutput:
                 return what(filesystem)
             except OSError as error:
                 message = without_secrets(str(error))[:300]
-                if any(marker in message for marker in _USER_ERRORS):
+                if any(marker in message for marker in REFUSALS):
                     raise OutputError(f"output {self.uri}: {message} ({where}); check the "
                                       "URI, the credentials and that the bucket exists") from None
                 raise Transient(message) from None

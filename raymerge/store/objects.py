@@ -20,12 +20,14 @@ from raymerge.store.settings import StorageSettings
 SCHEMES = ("s3", "gs", "gcs", "abfs", "az")
 
 # pyarrow raises OSError for everything; these say the input is wrong (not worth a retry)
-_USER_ERRORS = ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "NO_SUCH_BUCKET",
-                "InvalidAccessKeyId", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY_ID",
-                "SIGNATURE_DOES_NOT_MATCH", "Forbidden", "HTTP status 403", "HTTP status 401",
-                "PermissionDenied", "Unauthenticated", "ExpiredToken", "EXPIRED_TOKEN",
-                "InvalidToken", "does not exist", "Path does not exist", "NoSuchKey",
-                "NO_SUCH_KEY", "RESOURCE_NOT_FOUND", "HTTP status 404", "Not Found")
+# refusals: credentials, permissions, a missing bucket
+REFUSALS = ("ACCESS_DENIED", "AccessDenied", "NoSuchBucket", "NO_SUCH_BUCKET",
+            "InvalidAccessKeyId", "SignatureDoesNotMatch", "INVALID_ACCESS_KEY_ID",
+            "SIGNATURE_DOES_NOT_MATCH", "Forbidden", "HTTP status 403", "HTTP status 401",
+            "PermissionDenied", "Unauthenticated", "ExpiredToken", "EXPIRED_TOKEN", "InvalidToken")
+_NOT_FOUND = ("does not exist", "NoSuchKey", "NO_SUCH_KEY", "RESOURCE_NOT_FOUND",
+              "HTTP status 404", "Not Found")
+_USER_ERRORS = REFUSALS + _NOT_FOUND
 _SECRET_VARIABLES = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID",
                      "HF_TOKEN", "AZURE_STORAGE_ACCOUNT_KEY")
 
@@ -101,10 +103,9 @@ def read_object(uri: str, storage: StorageSettings) -> bytes:
             raise
         except OSError as error:
             message = without_secrets(str(error))
-            if any(marker in message for marker in ("NoSuchKey", "NO_SUCH_KEY", "does not exist",
-                                                    "HTTP status 404")):
+            if any(marker in message for marker in _NOT_FOUND):
                 raise FileNotFoundError(uri) from None
-            if any(marker in message for marker in _USER_ERRORS):
+            if any(marker in message for marker in REFUSALS):
                 raise OSError(f"{uri}: {message[:300]}") from None
             raise Transient(message[:300]) from None
     try:
